@@ -1,0 +1,301 @@
+"""
+Text generation on top of model.GPT: sampling settings, stop sequences, streaming deltas, and a
+Batcher that decodes many sequences at once with a KV cache. Sequences may join (prefill) and
+leave (finish) between any two tokens, which is what the server's continuous batching needs;
+sample.py and the tests use the same code through generate().
+"""
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenizer import TextStream
+
+
+class GenerationError(ValueError):
+    """A request that cannot be generated as asked (the message names the field)."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; CTRL-style, over prompt and output tokens
+    do_sample: bool = True  # False, or temperature 0, = greedy
+    seed: int | None = None  # fixes this sequence's draws whatever else shares the batch
+    stop: list = field(default_factory=list)  # strings that end the text (not included)
+    ignore_eos: bool = False  # keep going past <|endoftext|> (benchmarks)
+
+    def validate(self):
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", _number(self.temperature) and 0 <= self.temperature <= 100, "a number in [0, 100]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("repetition_penalty", _number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+             "a number in (0, 10]"),
+            ("do_sample", isinstance(self.do_sample, bool), "true or false"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+             "an integer in [0, 2**63)"),
+            ("stop", isinstance(self.stop, list) and len(self.stop) <= 8
+             and all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop),
+             "up to 8 non-empty strings"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise GenerationError(f"{name} must be {what}")
+        return self
+
+    @property
+    def greedy(self):
+        return not self.do_sample or self.temperature == 0
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class Sequence:
+    """One prompt being continued: its tokens, settings, LUT, and the text produced so far."""
+
+    def __init__(self, prompt_ids, params, tokenizer, lut=None, tag=None):
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.lut = lut
+        self.tag = tag  # the caller's handle (the server keeps its request here)
+        self.out_ids = []
+        self.text = ""  # generated text, stop sequence excluded
+        self.emitted = 0  # how much of text new_text() has handed out
+        self.finish_reason = None  # "length" | "stop" | "cancelled"
+        self.eot = None if params.ignore_eos else tokenizer.eot_token
+        self.stream = TextStream(tokenizer)
+        self.generator = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else random.getrandbits(63))
+        self._seen = set(self.prompt_ids)  # for the repetition penalty
+        self._seen_tensor = None
+
+    @property
+    def done(self):
+        return self.finish_reason is not None
+
+    def seen_tensor(self, device):
+        if self._seen_tensor is None:
+            self._seen_tensor = torch.tensor(sorted(self._seen), dtype=torch.long, device=device)
+        return self._seen_tensor
+
+    def append(self, token):
+        """Record a sampled token; decide whether the sequence is finished."""
+        if token == self.eot:
+            self._finish("stop")
+            return
+        self.out_ids.append(token)
+        if token not in self._seen:
+            self._seen.add(token)
+            self._seen_tensor = None
+        before = len(self.text)
+        self.text += self.stream.push(token)
+        if self._cut_at_stop(before):
+            return
+        if len(self.out_ids) >= self.params.max_new_tokens:
+            self._finish("length")
+
+    def _cut_at_stop(self, before):
+        for s in self.params.stop:
+            i = self.text.find(s, max(0, before - len(s) + 1))
+            if i >= 0:
+                self.text = self.text[:i]
+                self.finish_reason = "stop"
+                return True
+        return False
+
+    def _finish(self, reason):
+        before = len(self.text)
+        self.text += self.stream.flush()
+        if not self._cut_at_stop(before):
+            self.finish_reason = reason
+
+    def cancel(self):
+        self.finish_reason = "cancelled"
+
+    def new_text(self):
+        """Text not handed out yet. While running, a tail that could still become a stop sequence
+        is held back, so a stop string never leaks into a stream."""
+        end = len(self.text)
+        if not self.done:
+            for s in self.params.stop:
+                for n in range(min(len(s) - 1, end), 0, -1):
+                    if self.text.endswith(s[:n]):
+                        end = min(end, len(self.text) - n)
+                        break
+        delta = self.text[self.emitted:end]
+        self.emitted = max(self.emitted, end)
+        return delta
+
+
+def sample_next(logits, seqs):
+    """logits: (B, V) for the rows of seqs; returns (B,) next token ids (on the CPU)."""
+    logits = logits.float()
+    device = logits.device
+    for b, s in enumerate(seqs):
+        p = s.params.repetition_penalty
+        if p != 1.0:  # make seen tokens less likely: shrink positive logits, grow negative ones
+            seen = s.seen_tensor(device)
+            vals = logits[b, seen]
+            logits[b, seen] = torch.where(vals > 0, vals / p, vals * p)
+    out = logits.argmax(dim=-1).cpu()
+    for b, s in enumerate(seqs):
+        if s.params.greedy:
+            continue
+        row = logits[b] / s.params.temperature
+        k = s.params.top_k
+        if 0 < k < row.numel():
+            kth = torch.topk(row, k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if s.params.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+            sorted_logits, order = torch.sort(row, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= s.params.top_p  # mass before this token suffices
+            row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        probs = row.softmax(-1)
+        # Exponential race (argmax p_i / E_i, E_i ~ Exp(1)) is a draw from probs; each row has its
+        # own generator, so a seeded sequence samples the same tokens alone or in any batch.
+        noise = torch.empty(probs.numel()).exponential_(generator=s.generator).to(device)
+        out[b] = int((probs / noise).argmax())
+    return out
+
+
+class Batcher:
+    """Decodes up to max_batch sequences together. Live sequences occupy cache rows 0..n-1 in
+    order; a finished one is replaced by the last row, so every step is one dense forward pass."""
+
+    def __init__(self, model, max_batch=8):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_batch = max_batch
+        self.cache = None
+        self.seqs = []  # live sequences, row i of the cache belongs to seqs[i]
+        self.lengths = []  # tokens cached per row
+
+    @property
+    def free_slots(self):
+        return self.max_batch - len(self.seqs)
+
+    def check_fits(self, seq):
+        limit = self.model.config.block_size
+        if not seq.prompt_ids:
+            raise GenerationError("prompt must not be empty")
+        if len(seq.prompt_ids) + seq.params.max_new_tokens > limit:
+            raise GenerationError(
+                f"prompt ({len(seq.prompt_ids)} tokens) plus max_new_tokens ({seq.params.max_new_tokens}) "
+                f"exceeds the model's context of {limit} tokens")
+
+    @torch.inference_mode()
+    def admit(self, new_seqs):
+        """Prefill new sequences into free rows and sample their first token."""
+        assert len(new_seqs) <= self.free_slots
+        if not new_seqs:
+            return
+        for s in new_seqs:
+            self.check_fits(s)
+        if self.cache is None:
+            from model import KVCache
+            self.cache = KVCache(self.model.config, self.max_batch, self.device, self.dtype)
+        lo, hi = len(self.seqs), len(self.seqs) + len(new_seqs)
+        T = max(len(s.prompt_ids) for s in new_seqs)
+        self.cache.reserve(T)
+        idx = torch.zeros(len(new_seqs), T, dtype=torch.long)  # right-padded prompts
+        for i, s in enumerate(new_seqs):
+            idx[i, :len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        last = torch.tensor([len(s.prompt_ids) - 1 for s in new_seqs], device=self.device)
+        logits, _ = self.model(idx.to(self.device), cache=self.cache.rows(lo, hi), pos=0,
+                               logits_at=last, lut=_lut_batch(new_seqs))
+        self.seqs += new_seqs
+        self.lengths += [len(s.prompt_ids) for s in new_seqs]
+        self._take(new_seqs, sample_next(logits, new_seqs), lo)
+
+    @torch.inference_mode()
+    def step(self):
+        """One token for every live sequence. Returns the sequences that advanced."""
+        if not self.seqs:
+            return []
+        seqs = list(self.seqs)
+        B = len(seqs)
+        self.cache.reserve(max(self.lengths) + 1)
+        idx = torch.tensor([[s.out_ids[-1]] for s in seqs], device=self.device)
+        pos = self.lengths[0] if len(set(self.lengths)) == 1 else torch.tensor(self.lengths, device=self.device)
+        logits, _ = self.model(idx, cache=self.cache.rows(0, B), pos=pos, logits_at=None,
+                               lut=_lut_batch(seqs))
+        self.lengths = [n + 1 for n in self.lengths]
+        self._take(seqs, sample_next(logits[:, -1], seqs), 0)
+        return seqs
+
+    def _take(self, seqs, tokens, lo):
+        for s, t in zip(seqs, tokens.tolist()):
+            if not s.done:
+                s.append(t)
+        self.retire()
+
+    def retire(self):
+        """Drop finished (or cancelled) sequences, moving the last live row into each hole."""
+        i = 0
+        while i < len(self.seqs):
+            if self.seqs[i].done:
+                last = len(self.seqs) - 1
+                if i != last:
+                    self.cache.move_row(last, i, self.lengths[last])
+                    self.seqs[i], self.lengths[i] = self.seqs[last], self.lengths[last]
+                self.seqs.pop()
+                self.lengths.pop()
+            else:
+                i += 1
+
+
+def _lut_batch(seqs):
+    if all(s.lut is None for s in seqs):
+        return None
+    from lut import LUTBatch
+    return LUTBatch([s.lut for s in seqs])
+
+
+def generate(model, tokenizer, prompts, params, luts=None, max_batch=8, on_text=None):
+    """Continue each prompt (a string or token list) with params (one SamplingParams, or one per
+    prompt) and luts (one per prompt, None = base model); returns the finished Sequences in order.
+    on_text(i, delta) is called as text becomes final, for streaming."""
+    luts = luts or [None] * len(prompts)
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    seqs = [Sequence(p if isinstance(p, list) else tokenizer.encode(p), sp, tokenizer, lut, tag=i)
+            for i, (p, sp, lut) in enumerate(zip(prompts, params, luts))]
+    batcher = Batcher(model, max_batch=max_batch)
+    for s in seqs:
+        batcher.check_fits(s)
+    waiting = list(seqs)
+    while waiting or batcher.seqs:
+        if waiting and batcher.free_slots:
+            admitted, waiting = waiting[:batcher.free_slots], waiting[batcher.free_slots:]
+            batcher.admit(admitted)
+            advanced = admitted
+        else:
+            advanced = batcher.step()
+        if on_text:
+            for s in advanced:
+                delta = s.new_text()
+                if delta:
+                    on_text(s.tag, delta)
+    return seqs
+
+
+def stream(model, tokenizer, prompt, params, lut=None):
+    """Yields text deltas of one completion as they are produced (never half a UTF-8 character)."""
+    seq = Sequence(tokenizer.encode(prompt) if isinstance(prompt, str) else prompt, params, tokenizer, lut)
+    batcher = Batcher(model, max_batch=1)
+    batcher.admit([seq])
+    while True:
+        delta = seq.new_text()
+        if delta:
+            yield delta
+        if seq.done:
+            return
+        batcher.step()

@@ -1,0 +1,401 @@
+"""
+GPT-2 written by hand, nanoGPT style, with a KV cache for fast generation and a hook for
+per-user lookup tables (see lut.py). Parameter names follow Hugging Face's GPT-2 so the
+Hub checkpoints map onto it directly (Conv1D weights kept in their (in, out) layout).
+
+References: OpenAI's GPT-2 (tensorflow) and Hugging Face's modeling_gpt2.py.
+"""
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+PRETRAINED = {  # model_type -> (n_layer, n_head, n_embd)
+    "gpt2": (12, 12, 768),  # 124M
+    "gpt2-medium": (24, 16, 1024),  # 350M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+}
+HUB_ORG = "openai-community"
+
+
+class ModelLoadError(Exception):
+    """Weights or a checkpoint could not be had; the message says what to do."""
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in Linears and LayerNorms
+    layer_norm_epsilon: float = 1e-5
+
+
+class Conv1D(nn.Module):
+    """A Linear whose weight is stored (in, out), as GPT-2's checkpoints store it, so they load
+    without a transpose; x @ W in this layout is also faster on CPU for the few-row matmuls of
+    decoding than nn.Linear's x @ W.T (bench/decode.py)."""
+
+    def __init__(self, n_in, n_out, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
+
+    def forward(self, x):
+        shape = x.shape[:-1] + (self.weight.size(1),)
+        x = x.reshape(-1, x.size(-1))
+        y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        return y.view(shape)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v together
+        self.c_proj = Conv1D(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, cache=None, pos=None, mask=None):
+        """cache: (k, v) tensors (B, nh, T_cap, hs) of this layer, or None.
+        Prefill (T > 1) writes positions 0..T-1; decode (T == 1) writes each row at pos[b]."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            ck, cv = cache
+            if T > 1:  # prefill: fresh rows start at position 0, attention stays within the prompt
+                ck[:, :, :T] = k
+                cv[:, :, :T] = v
+            else:  # decode: append one position per row, attend to everything cached so far
+                if isinstance(pos, int):  # all rows at the same position: plain slice write
+                    ck[:, :, pos] = k[:, :, 0]
+                    cv[:, :, pos] = v[:, :, 0]
+                    length = pos + 1
+                else:
+                    rows = torch.arange(B, device=x.device)
+                    ck[rows, :, pos] = k[:, :, 0]
+                    cv[rows, :, pos] = v[:, :, 0]
+                    length = mask.size(-1)
+                k, v = ck[:, :, :length], cv[:, :, :length]
+        dropout_p = self.dropout if self.training else 0.0
+        if T > 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:  # one query sees all cached keys; mask hides the tail of shorter rows
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Conv1D(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = Conv1D(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, pos=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, pos, mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """Keys and values of every layer for up to max_batch rows. Rows are independent sequences
+    of different lengths; the capacity along time grows on demand, so memory follows use."""
+
+    def __init__(self, config, max_batch, device, dtype, capacity=256):
+        self.shape = (max_batch, config.n_head, 0, config.n_embd // config.n_head)
+        self.n_layer, self.device, self.dtype = config.n_layer, device, dtype
+        self.max_len = config.block_size
+        self.k, self.v = [], []
+        self.reserve(capacity)
+
+    def reserve(self, length):
+        """Make room for `length` positions per row (zeros, so masked slots are never NaN)."""
+        cap = self.k[0].size(2) if self.k else 0
+        if length <= cap:
+            return
+        new_cap = min(max(length, 2 * cap), self.max_len)
+        B, nh, _, hs = self.shape
+        grow = lambda old: torch.cat([old, old.new_zeros(B, nh, new_cap - cap, hs)], dim=2)
+        if self.k:
+            self.k, self.v = [grow(t) for t in self.k], [grow(t) for t in self.v]
+        else:
+            z = lambda: torch.zeros(B, nh, new_cap, hs, device=self.device, dtype=self.dtype)
+            self.k = [z() for _ in range(self.n_layer)]
+            self.v = [z() for _ in range(self.n_layer)]
+
+    def rows(self, lo, hi):
+        """Per-layer (k, v) views of rows lo..hi-1, written through by the model."""
+        return [(k[lo:hi], v[lo:hi]) for k, v in zip(self.k, self.v)]
+
+    def move_row(self, src, dst, length):
+        """Copy row src into row dst (used to keep the live rows packed at the front)."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None
+        assert config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # scaled init of residual projections, per GPT-2 paper
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.source = "scratch"  # where the weights came from, for status pages and LUT ownership
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, Conv1D)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, *, cache=None, pos=None, logits_at=None, lut=None):
+        """idx: (B, T) token ids.
+        targets: (B, T) next-token ids for the training loss (-1 = ignore).
+        cache: KVCache.rows(...) for these B rows; with T > 1 the rows are filled from position 0
+            (prompts right-padded; padding only ever follows real tokens, so causality keeps it
+            out of them), with T == 1 pos says where each row's token goes: an int when all rows
+            agree, else a (B,) tensor.
+        logits_at: (B,) index of the single position per row whose logits are wanted.
+        lut: a lut.LUTBatch that may add a value to positions whose residual matches a key.
+        Returns logits (B, T, V), or (B, V) with logits_at; and the loss (None without targets)."""
+        device = idx.device
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
+        mask = None
+        if cache is not None and T == 1:
+            if isinstance(pos, int):
+                positions = torch.full((B, 1), pos, dtype=torch.long, device=device)
+            else:
+                positions = pos.view(B, 1)
+                length = int(pos.max()) + 1
+                mask = (torch.arange(length, device=device)[None, :] <= pos[:, None]).view(B, 1, 1, length)
+        else:
+            positions = torch.arange(T, dtype=torch.long, device=device)[None, :]  # (1, T)
+        tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
+        pos_emb = self.transformer.wpe(positions)  # (B or 1, T, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[layer], pos, mask)
+            if lut is not None:
+                lut.observe(layer, x, idx, pos_emb)  # keys are read from this block's output
+        if lut is not None:
+            x = lut.apply(x)  # values are added to the final residual of matched positions
+        if logits_at is not None:
+            x = x[torch.arange(B, device=device), logits_at]  # (B, n_embd)
+        logits = self._lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def _lm_head(self, x):
+        w = self.lm_head.weight  # (vocab, n_embd), tied to wte
+        if torch.is_grad_enabled() or x.device.type != "cpu":
+            return self.lm_head(x)
+        # Inference on CPU: a contiguous (n_embd, vocab) copy makes this, the largest matmul of a
+        # decode step, up to 2x faster. Rebuilt whenever the weight changes (its version counter).
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_head_key", None) != key:
+            self._head_t, self._head_key = w.detach().t().contiguous(), key
+        return x @ self._head_t
+
+    # ------------------------------------------------------------------ loading and saving
+
+    def fingerprint(self):
+        """Short id of this exact set of weights: a LUT trained on one model is refused by another."""
+        h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+        for t in (self.transformer.wte.weight[:64], self.transformer.ln_f.weight,
+                  self.transformer.h[-1].mlp.c_proj.weight[:8], self.transformer.wpe.weight[:8]):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def from_pretrained(cls, model_type, dropout=0.0):
+        """GPT-2 weights from the Hugging Face Hub (openai-community/<model_type>, model.safetensors),
+        through huggingface_hub's cache: HF_HOME and HF_HUB_OFFLINE are honoured."""
+        if model_type not in PRETRAINED:
+            raise ModelLoadError(f"unknown model_type {model_type!r}; choose one of {', '.join(PRETRAINED)}")
+        from huggingface_hub import hf_hub_download
+        from safetensors.torch import load_file
+        repo = f"{HUB_ORG}/{model_type}"
+        try:
+            hub_config = json.load(open(hf_hub_download(repo, "config.json")))
+            weights_path = hf_hub_download(repo, "model.safetensors")
+        except Exception as e:  # offline, no cache, network or permission trouble: all say the same
+            raise ModelLoadError(
+                f"could not get {repo}/model.safetensors ({type(e).__name__}). Offline (HF_HUB_OFFLINE=1 "
+                f"or no network) it must already be in the Hugging Face cache (HF_HOME, now "
+                f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}); otherwise load a local checkpoint "
+                f"(out/<name>/ckpt.pt)") from None
+        n_layer, n_head, n_embd = PRETRAINED[model_type]
+        config = GPTConfig(
+            n_layer=hub_config.get("n_layer", n_layer), n_head=hub_config.get("n_head", n_head),
+            n_embd=hub_config.get("n_embd", n_embd), vocab_size=hub_config.get("vocab_size", 50257),
+            block_size=hub_config.get("n_positions", 1024), bias=True, dropout=dropout,
+            layer_norm_epsilon=hub_config.get("layer_norm_epsilon", 1e-5))
+        try:
+            hub_state = load_file(weights_path)
+        except Exception as e:
+            raise ModelLoadError(f"{weights_path} is not a readable safetensors file: {e}") from None
+        model = cls.from_state_dict(config, hf_to_ours(hub_state), weights_path)
+        model.source = model_type
+        return model
+
+    @classmethod
+    def from_state_dict(cls, config, state, where):
+        """Build the model around loaded tensors: no random init and no second copy of the weights,
+        so peak memory is one model. lm_head.weight may be absent (it is tied to wte)."""
+        with torch.device("meta"):
+            model = cls(config)
+        state = dict(state)
+        state["lm_head.weight"] = state.get("transformer.wte.weight")
+        expected = model.state_dict()
+        missing = [k for k in expected if state.get(k) is None]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            raise ModelLoadError(f"{where}: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise ModelLoadError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        model.load_state_dict(state, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters: tie again
+        return model
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """A nanoGPT-style ckpt.pt written by train.py, loaded without unpickling code (weights_only)
+        and memory-mapped. Returns (model, checkpoint dict)."""
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"no checkpoint at {path}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            config = GPTConfig(**ckpt["model_args"])
+            prefix = "_orig_mod."  # left by torch.compile
+            model = cls.from_state_dict(config, {k.removeprefix(prefix): v for k, v in ckpt["model"].items()}, path)
+        except Exception as e:
+            raise ModelLoadError(f"{path} is not a usable checkpoint: {str(e).splitlines()[0]}") from None
+        model.source = os.path.dirname(os.path.abspath(path))
+        return model, ckpt
+
+    def crop_block_size(self, block_size):
+        """Shrink the context (e.g. fine-tune GPT-2 with a smaller block)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]  # matmul weights and embeddings decay
+        no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm gains do not
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+
+# ---------------------------------------------------------------------- choosing and loading
+
+def hf_to_ours(hf_state):
+    """A GPT-2 state dict in Hugging Face's naming (the Hub files have no 'transformer.' prefix,
+    save_pretrained's do) to ours. Conv1D weights are (in, out) in both, so nothing is transposed."""
+    state = {}
+    for name, tensor in hf_state.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # causal-mask buffers and the tied head carry no weights of their own
+        state[name if name.startswith("transformer.") else "transformer." + name] = tensor
+    return state
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device="auto", dtype="float32"):
+    """'auto' = CUDA when present, else CPU. Refuses what the device cannot do."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available here")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+    if dtype == "float16" and device == "cpu":
+        raise ModelLoadError("float16 needs a CUDA device; on the CPU use float32 or bfloat16")
+    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError("this GPU does not support bfloat16; use float16 or float32")
+    return device, DTYPES[dtype]
+
+
+def find_checkpoint(path):
+    """A checkpoint file, or the ckpt.pt inside a training output directory."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def load_model(init_from, device="cpu", dtype=torch.float32):
+    """init_from: a GPT-2 type (gpt2, gpt2-medium, ...) or a checkpoint (file or out/ directory).
+    Returns the model in eval mode; model.tokenizer_spec says how to tokenize for it."""
+    if init_from in PRETRAINED:
+        model = GPT.from_pretrained(init_from)
+        model.tokenizer_spec = {"type": "tiktoken", "name": "gpt2"}
+    elif init_from.startswith("gpt2"):
+        raise ModelLoadError(f"unknown model type {init_from!r}; choose one of {', '.join(PRETRAINED)}")
+    else:
+        path = find_checkpoint(init_from)
+        if not os.path.exists(path):
+            raise ModelLoadError(f"{init_from!r} is neither a GPT-2 type ({', '.join(PRETRAINED)}) "
+                                 f"nor a checkpoint file or directory")
+        model, ckpt = GPT.from_checkpoint(path)
+        model.tokenizer_spec = ckpt.get("tokenizer") or {"type": "tiktoken", "name": "gpt2"}
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,75 @@
+"""
+Shared fixtures. No GPT-2 weights can be downloaded here, so the tests write tiny GPT-2s in the
+Hugging Face Hub cache layout into a private HF_HOME and load them offline through the real
+from_pretrained path. The GPT-2 tokenizer comes from ../shared/tiktoken-cache when present.
+"""
+import json
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# Set before huggingface_hub is imported anywhere: it reads these once.
+HF_HOME = tempfile.mkdtemp(prefix="hf_home_")
+os.environ["HF_HOME"] = HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+_shared_cache = os.path.join(ROOT, "..", "shared", "tiktoken-cache")
+if os.path.isdir(_shared_cache) and "TIKTOKEN_CACHE_DIR" not in os.environ:
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_shared_cache)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
+
+
+def write_hub_model(model_type, state, config, commit="0" * 40):
+    """Lay out files as huggingface_hub's cache does: refs/main -> snapshots/<commit>/..."""
+    from safetensors.torch import save_file
+    repo_dir = os.path.join(HF_HOME, "hub", f"models--openai-community--{model_type}")
+    snap = os.path.join(repo_dir, "snapshots", commit)
+    os.makedirs(snap, exist_ok=True)
+    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
+    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
+        f.write(commit)
+    with open(os.path.join(snap, "config.json"), "w") as f:
+        json.dump({"model_type": "gpt2", "layer_norm_epsilon": 1e-5, **config}, f)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(snap, "model.safetensors"))
+    return snap
+
+
+@pytest.fixture(scope="session")
+def hf_tiny():
+    """A tiny random transformers GPT2LMHeadModel, saved as 'gpt2' in the Hub's own naming (no
+    'transformer.' prefix, mask buffers included, no lm_head) and as 'gpt2-medium' in
+    save_pretrained's naming (with the prefix)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+    state = hf.state_dict()
+    hub_style = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+    T = TINY["n_positions"]
+    for i in range(TINY["n_layer"]):  # the buffers the original GPT-2 files carry
+        hub_style[f"h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+        hub_style[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    write_hub_model("gpt2", hub_style, TINY)
+    write_hub_model("gpt2-medium", {k: v for k, v in state.items() if k != "lm_head.weight"}, TINY)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny(hf_tiny):
+    """Our GPT loaded offline from the Hub cache, and the GPT-2 tokenizer."""
+    from model import load_model
+    from tokenizer import get_tokenizer
+    model = load_model("gpt2")
+    return model, get_tokenizer(model.tokenizer_spec)
+
+
+@pytest.fixture
+def cli_env():
+    """Environment for running the project's scripts as subprocesses."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT
+    return env

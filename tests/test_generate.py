@@ -1,0 +1,145 @@
+"""KV cache, batching, sampling settings, stop sequences and streaming."""
+import pytest
+import torch
+
+from generate import Batcher, GenerationError, SamplingParams, Sequence, generate, sample_next, stream
+from tokenizer import TextStream
+
+PROMPTS = ["Hello world, this is", "A", "The quick brown fox jumps over the lazy dog and then"]
+
+
+def no_cache_greedy(model, ids, n):
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids
+
+
+def test_kv_cache_matches_recomputing_everything(tiny):
+    model, tok = tiny
+    params = SamplingParams(max_new_tokens=20, do_sample=False, ignore_eos=True)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        out = generate(model, tok, [ids], params)[0]
+        assert out.out_ids == no_cache_greedy(model, ids, 20)[len(ids):]
+        assert out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=16, do_sample=False, ignore_eos=True),
+    SamplingParams(max_new_tokens=16, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=7,
+                   ignore_eos=True),
+])
+def test_batched_equals_one_by_one(tiny, params):
+    model, tok = tiny
+    batched = generate(model, tok, PROMPTS, params)
+    for prompt, seq in zip(PROMPTS, batched):
+        assert seq.out_ids == generate(model, tok, [prompt], params)[0].out_ids
+
+
+def test_sequences_join_and_leave_a_running_batch(tiny):
+    """Continuous batching: a sequence admitted mid-way, and one leaving early, change nobody's output."""
+    model, tok = tiny
+    long = SamplingParams(max_new_tokens=12, do_sample=False, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=3, do_sample=False, ignore_eos=True)
+    b = Batcher(model, max_batch=4)
+    first, quitter = Sequence(tok.encode(PROMPTS[0]), long, tok), Sequence(tok.encode(PROMPTS[2]), short, tok)
+    b.admit([first, quitter])
+    for _ in range(4):
+        b.step()
+    late = Sequence(tok.encode(PROMPTS[1]), long, tok)
+    b.admit([late])
+    while b.seqs:
+        b.step()
+    for seq, prompt in ((first, PROMPTS[0]), (quitter, PROMPTS[2]), (late, PROMPTS[1])):
+        assert seq.out_ids == generate(model, tok, [prompt], seq.params)[0].out_ids
+
+
+def test_seed_reproducible_and_greedy_limits(tiny):
+    model, tok = tiny
+    a = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    run = lambda p: generate(model, tok, ["Once upon a time"], p)[0].out_ids
+    assert run(a) == run(a)
+    assert run(a) != run(SamplingParams(max_new_tokens=12, temperature=1.0, seed=4, ignore_eos=True))
+    greedy = run(SamplingParams(max_new_tokens=12, do_sample=False, ignore_eos=True))
+    assert run(SamplingParams(max_new_tokens=12, top_k=1, seed=5, ignore_eos=True)) == greedy
+    assert run(SamplingParams(max_new_tokens=12, temperature=0, seed=5, ignore_eos=True)) == greedy
+    assert run(SamplingParams(max_new_tokens=12, top_p=1e-6, seed=5, ignore_eos=True)) == greedy
+
+
+class NoEOT:
+    eot_token = None
+
+
+def test_repetition_penalty_changes_only_seen_tokens():
+    logits = torch.tensor([[3.0, -2.0, 2.0, 0.5]])
+    penalised = Sequence([0, 1], SamplingParams(repetition_penalty=2.0, do_sample=False), NoEOT())
+    plain = Sequence([0, 1], SamplingParams(do_sample=False), NoEOT())
+    assert sample_next(logits.clone(), [plain]).tolist() == [0]
+    assert sample_next(logits.clone(), [penalised]).tolist() == [2]  # 3.0 -> 1.5 falls below 2.0
+
+
+def feed(tok, text, params):
+    seq = Sequence([1], params, tok)
+    deltas = []
+    for t in tok.encode(text):
+        seq.append(t)
+        deltas.append(seq.new_text())
+        if seq.done:
+            break
+    deltas.append(seq.new_text())
+    return seq, deltas
+
+
+def test_stop_sequence_cuts_text_and_never_leaks_into_the_stream(tiny):
+    _, tok = tiny
+    seq, deltas = feed(tok, "Alpha beta. END gamma delta", SamplingParams(max_new_tokens=50, stop=[" END", "zzz"]))
+    assert seq.finish_reason == "stop"
+    assert seq.text == "Alpha beta."
+    assert "".join(deltas) == "Alpha beta."
+    seq, _ = feed(tok, "one two three four", SamplingParams(max_new_tokens=2))
+    assert seq.finish_reason == "length" and seq.text == "one two"
+
+
+def test_end_of_text_token_stops(tiny):
+    _, tok = tiny
+    seq = Sequence([1], SamplingParams(max_new_tokens=5), tok)
+    seq.append(tok.encode("Hi")[0])
+    seq.append(tok.eot_token)
+    assert seq.finish_reason == "stop" and seq.text == "Hi"
+
+
+def test_stream_never_splits_a_utf8_character(tiny):
+    _, tok = tiny
+    text = "naïve café 🙂 世界 ok"
+    ts = TextStream(tok)
+    deltas = [ts.push(t) for t in tok.encode(text)] + [ts.flush()]
+    assert any(len(tok.token_bytes(t).decode("utf-8", "ignore")) == 0 for t in tok.encode(text))  # emoji is split
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stream_yields_the_same_text_as_generate(tiny):
+    model, tok = tiny
+    params = SamplingParams(max_new_tokens=20, seed=1, temperature=0.8, ignore_eos=True)
+    assert "".join(stream(model, tok, "Hello", params)) == generate(model, tok, ["Hello"], params)[0].text
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_k", -1),
+                                         ("top_p", 0.0), ("repetition_penalty", 0), ("do_sample", "yes"),
+                                         ("seed", -5), ("stop", [""]), ("stop", "x")])
+def test_bad_sampling_settings_name_the_field(field, value):
+    with pytest.raises(GenerationError, match=field):
+        SamplingParams(**{field: value}).validate()
+
+
+def test_context_is_never_exceeded(tiny):
+    model, tok = tiny
+    with pytest.raises(GenerationError, match="exceeds the model's context of 128"):
+        generate(model, tok, ["word " * 120], SamplingParams(max_new_tokens=10))
+    with pytest.raises(GenerationError, match="empty"):
+        generate(model, tok, [""], SamplingParams(max_new_tokens=10))
+    out = generate(model, tok, [[1] * 100], SamplingParams(max_new_tokens=28, ignore_eos=True, seed=0))[0]
+    assert len(out.out_ids) == 28  # exactly up to the context

@@ -1,0 +1,78 @@
+"""GPT-2 conformance with transformers, checkpoint loading, and errors when weights are missing."""
+import os
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, ModelLoadError, load_model
+
+
+def test_hub_layout_logits_match_transformers(hf_tiny, tiny):
+    model, _ = tiny
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        ref = hf_tiny(idx).logits
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_save_pretrained_layout_loads_the_same_weights(tiny):
+    model, _ = tiny
+    other = load_model("gpt2-medium")  # written with the 'transformer.' prefix
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_greedy_generation_matches_transformers(hf_tiny, tiny):
+    from generate import SamplingParams, generate
+    model, tok = tiny
+    prompt = tok.encode("The quick brown fox")
+    with torch.no_grad():
+        ref = hf_tiny.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               do_sample=False, max_new_tokens=24, min_new_tokens=24, pad_token_id=0,
+                               eos_token_id=None)[0, len(prompt):].tolist()
+    ours = generate(model, tok, [prompt], SamplingParams(max_new_tokens=24, do_sample=False, ignore_eos=True))
+    assert ours[0].out_ids == ref
+
+
+def test_missing_weights_offline_is_a_clear_error(hf_tiny):
+    with pytest.raises(ModelLoadError, match=r"openai-community/gpt2-large/model.safetensors.*HF_HOME"):
+        GPT.from_pretrained("gpt2-large")
+    with pytest.raises(ModelLoadError, match="unknown model_type"):
+        GPT.from_pretrained("gpt3")
+
+
+def test_corrupt_weights_are_a_clear_error(hf_tiny, tmp_path):
+    from conftest import TINY, write_hub_model
+    snap = write_hub_model("gpt2-xl", {}, TINY)
+    with open(os.path.join(snap, "model.safetensors"), "wb") as f:
+        f.write(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        GPT.from_pretrained("gpt2-xl")
+
+
+def test_checkpoint_roundtrip_is_safe_and_handles_compile_prefix(tmp_path):
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=65)
+    model = GPT(config)
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model_args": config.__dict__, "model": state, "iter_num": 3,
+                "tokenizer": {"type": "char", "chars": "".join(chr(32 + i) for i in range(65))}}, path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.tokenizer_spec["type"] == "char"
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model_args": {}, "model": {}, "evil": ModelLoadError("x")}, path)  # needs unpickling code
+    with pytest.raises(ModelLoadError, match="not a usable checkpoint"):
+        load_model(str(path))
+
+
+def test_unknown_and_missing_init_from():
+    with pytest.raises(ModelLoadError, match="unknown model type"):
+        load_model("gpt2-huge")
+    with pytest.raises(ModelLoadError, match="neither a GPT-2 type"):
+        load_model("out/does-not-exist")
