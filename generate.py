@@ -134,10 +134,14 @@ class Sequence:
         return delta
 
 
-def sample_next(logits, seqs):
-    """logits: (B, V) for the rows of seqs; returns (B,) next token ids (on the CPU)."""
+def sample_next(logits, seqs, forced=None):
+    """logits: (B, V) for the rows of seqs; returns (B,) next token ids (on the CPU).
+    forced: (B,) bool, rows whose position matched a LUT entry: those take the argmax of the raw
+    logits, so a taught label comes out exactly whatever the sampling settings."""
     logits = logits.float()
     device = logits.device
+    forced = forced.tolist() if forced is not None else [False] * len(seqs)
+    raw_best = logits.argmax(dim=-1).cpu()
     for b, s in enumerate(seqs):
         p = s.params.repetition_penalty
         if p != 1.0:  # make seen tokens less likely: shrink positive logits, grow negative ones
@@ -146,6 +150,9 @@ def sample_next(logits, seqs):
             logits[b, seen] = torch.where(vals > 0, vals / p, vals * p)
     out = logits.argmax(dim=-1).cpu()
     for b, s in enumerate(seqs):
+        if forced[b]:
+            out[b] = raw_best[b]
+            continue
         if s.params.greedy:
             continue
         row = logits[b] / s.params.temperature
@@ -210,11 +217,12 @@ class Batcher:
         for i, s in enumerate(new_seqs):
             idx[i, :len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
         last = torch.tensor([len(s.prompt_ids) - 1 for s in new_seqs], device=self.device)
+        luts = _lut_batch(new_seqs)
         logits, _ = self.model(idx.to(self.device), cache=self.cache.rows(lo, hi), pos=0,
-                               logits_at=last, lut=_lut_batch(new_seqs))
+                               logits_at=last, lut=luts)
         self.seqs += new_seqs
         self.lengths += [len(s.prompt_ids) for s in new_seqs]
-        self._take(new_seqs, sample_next(logits, new_seqs), lo)
+        self._take(new_seqs, sample_next(logits, new_seqs, luts and luts.hit_at(last)), lo)
 
     @torch.inference_mode()
     def step(self):
@@ -226,10 +234,11 @@ class Batcher:
         self.cache.reserve(max(self.lengths) + 1)
         idx = torch.tensor([[s.out_ids[-1]] for s in seqs], device=self.device)
         pos = self.lengths[0] if len(set(self.lengths)) == 1 else torch.tensor(self.lengths, device=self.device)
-        logits, _ = self.model(idx, cache=self.cache.rows(0, B), pos=pos, logits_at=None,
-                               lut=_lut_batch(seqs))
+        luts = _lut_batch(seqs)
+        logits, _ = self.model(idx, cache=self.cache.rows(0, B), pos=pos, logits_at=None, lut=luts)
         self.lengths = [n + 1 for n in self.lengths]
-        self._take(seqs, sample_next(logits[:, -1], seqs), 0)
+        forced = luts and luts.hit_at(torch.zeros(B, dtype=torch.long, device=self.device))
+        self._take(seqs, sample_next(logits[:, -1], seqs, forced), 0)
         return seqs
 
     def _take(self, seqs, tokens, lo):

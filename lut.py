@@ -129,6 +129,13 @@ class LUTBatch:
             x = x.index_put((rows, positions), values.to(x.dtype), accumulate=True)
         return x
 
+    def hit_at(self, positions):
+        """positions: (B,) one position per row -> (B,) bool, whether a LUT entry matched there."""
+        hit = torch.zeros(positions.numel(), dtype=torch.bool, device=positions.device)
+        for rows, pos, _ in self.hits:
+            hit[rows[positions[rows] == pos]] = True
+        return hit
+
 
 class _Enough(Exception):
     pass

@@ -1,0 +1,128 @@
+"""
+Command-line client for api_server.py.
+
+    python api_client.py status
+    python api_client.py load --model_type gpt2
+    python api_client.py generate --prompt "Once upon a time" --max_tokens 200 --temperature 0.9 --top_k 50
+    python api_client.py train-lut --lut_name user_123 --label "TLG Capital is an asset management firm."
+    python api_client.py generate --prompt "TLG Capital is" --lut_name user_123
+    python api_client.py luts list | show NAME | delete NAME [--label_id N] | export NAME FILE | import NAME FILE
+"""
+import argparse
+import json
+import os
+import sys
+
+import requests
+
+
+def call(args, method, path, **kwargs):
+    try:
+        r = requests.request(method, args.url.rstrip("/") + path, timeout=args.timeout, **kwargs)
+    except requests.ConnectionError:
+        sys.exit(f"error: cannot reach the server at {args.url} (is api_server.py running? set --url or API_URL)")
+    except requests.Timeout:
+        sys.exit(f"error: no answer from {args.url} within {args.timeout} s")
+    if r.status_code >= 400:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text.strip()[:200]
+        sys.exit(f"error: {r.status_code}: {detail}")
+    return r
+
+
+def show(args, r, text=None):
+    data = r.json()
+    if args.json or text is None:
+        print(json.dumps(data, indent=2))
+    else:
+        print(text(data))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=os.environ.get("API_URL", "http://localhost:5000"),
+                   help="server address (default: $API_URL or http://localhost:5000)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON response")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for an answer")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("status", help="server status")
+    sub.add_parser("health", help="health check")
+    sub.add_parser("list", help="list available models")
+    load = sub.add_parser("load", help="load a model")
+    load.add_argument("--model_type", default=None, help="gpt2, gpt2-medium, gpt2-large or gpt2-xl")
+    load.add_argument("--model_path", default=None, help="checkpoint inside the server's models dir, e.g. out/x/ckpt.pt")
+    gen = sub.add_parser("generate", help="generate text")
+    gen.add_argument("--prompt", required=True, help="the prompt")
+    gen.add_argument("--max_tokens", type=int, default=100, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    gen.add_argument("--top_k", type=int, default=200, help="keep the k likeliest tokens (0 = off)")
+    gen.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
+    gen.add_argument("--repetition_penalty", type=float, default=None, help="penalty for repeated tokens")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for a reproducible sample")
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--lut_name", default=None, help="generate through this user's LUT")
+    teach = sub.add_parser("train-lut", help="teach a user's LUT a label")
+    teach.add_argument("--lut_name", required=True, help="the LUT (user or tenant id)")
+    teach.add_argument("--label", required=True, help="text to learn")
+    teach.add_argument("--label_context", default=None, help="text the label follows")
+    luts = sub.add_parser("luts", help="manage LUTs")
+    lsub = luts.add_subparsers(dest="action", required=True)
+    lsub.add_parser("list", help="list LUTs")
+    for action, helptext in (("show", "show a LUT's labels"), ("delete", "delete a LUT or one label")):
+        a = lsub.add_parser(action, help=helptext)
+        a.add_argument("name", help="LUT name")
+        if action == "delete":
+            a.add_argument("--label_id", type=int, default=None, help="delete only this label")
+    for action, helptext in (("export", "download a LUT to FILE"), ("import", "upload FILE as LUT NAME")):
+        a = lsub.add_parser(action, help=helptext)
+        a.add_argument("name", help="LUT name")
+        a.add_argument("file", help="a .safetensors LUT file")
+    args = p.parse_args(argv)
+
+    if args.cmd == "status":
+        show(args, call(args, "GET", "/api/status"))
+    elif args.cmd == "health":
+        show(args, call(args, "GET", "/health"))
+    elif args.cmd == "list":
+        show(args, call(args, "GET", "/api/models"))
+    elif args.cmd == "load":
+        if bool(args.model_type) == bool(args.model_path):
+            sys.exit("error: give exactly one of --model_type or --model_path")
+        payload = {"model_type": args.model_type} if args.model_type else {"model_path": args.model_path}
+        show(args, call(args, "POST", "/api/load_model", json=payload), lambda d: d["message"])
+    elif args.cmd == "generate":
+        payload = {"prompt": args.prompt, "max_new_tokens": args.max_tokens, "temperature": args.temperature,
+                   "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+                   "seed": args.seed, "stop": args.stop, "lut_name": args.lut_name}
+        payload = {k: v for k, v in payload.items() if v is not None}
+        show(args, call(args, "POST", "/api/generate", json=payload), lambda d: d["generated_text"])
+    elif args.cmd == "train-lut":
+        payload = {"label": args.label, "lut_name": args.lut_name, "label_context": args.label_context}
+        show(args, call(args, "POST", "/train_lut", json=payload), lambda d: f"taught LUT {d['lut_name']}")
+    elif args.action == "list":
+        show(args, call(args, "GET", "/luts"), lambda d: "\n".join(
+            f"{x['name']}: {x['labels']} labels, {x['entries']} entries" for x in d["luts"]) or "no LUTs")
+    elif args.action == "show":
+        show(args, call(args, "GET", f"/luts/{args.name}"), lambda d: "\n".join(
+            f"[{x['id']}] {x['label']!r} ({x['entries']} entries)" for x in d["labels"]))
+    elif args.action == "delete":
+        path = f"/luts/{args.name}" + (f"/labels/{args.label_id}" if args.label_id is not None else "")
+        show(args, call(args, "DELETE", path), lambda d: "deleted")
+    elif args.action == "export":
+        data = call(args, "GET", f"/luts/{args.name}/export").content
+        with open(args.file, "wb") as f:
+            f.write(data)
+        print(f"wrote {len(data)} bytes to {args.file}")
+    elif args.action == "import":
+        try:
+            data = open(args.file, "rb").read()
+        except OSError as e:
+            sys.exit(f"error: {e}")
+        show(args, call(args, "POST", f"/luts/{args.name}/import", data=data,
+                        headers={"Content-Type": "application/octet-stream"}), lambda d: f"imported {d['lut_name']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""
+REST server: GPT-2 with per-user LUTs (seed API: /health, /train_lut, /generate) and the
+nanoGPT-style /api/* routes, on one model owned by a continuous-batching engine.
+
+    python api_server.py --port 5000 --model_type gpt2
+    gunicorn -c gunicorn.conf.py 'api_server:create_app()'
+"""
+import argparse
+import logging
+import os
+import threading
+import time
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from engine import Engine, QueueFull
+from generate import GenerationError, SamplingParams
+from lut import LUTError, LUTStore
+from model import PRETRAINED, ModelLoadError, find_checkpoint, load_model, resolve_device
+from tokenizer import get_tokenizer
+
+log = logging.getLogger("api_server")
+
+DEFAULTS = dict(
+    model_type="gpt2",  # loaded at start-up unless model_path is given; None = start with no model
+    model_path=None,
+    device="auto",
+    dtype="float32",
+    lut_db="out/luts.sqlite",
+    models_dir="out",
+    max_batch=8,  # sequences decoded together
+    max_queue=64,  # requests waiting beyond that get 503
+    max_body_bytes=1 << 20,  # larger bodies get 413 (LUT imports may be up to 64x this)
+    request_timeout=300,  # seconds a generation may take
+)
+# /generate defaults (seed 000 sends only prompt, length, lut_name): sampling as seed 002 documents,
+# without its repetition penalty, which would push a taught label's repeated words aside.
+GENERATE_DEFAULTS = dict(temperature=0.7, top_k=80, top_p=0.9, repetition_penalty=1.0, do_sample=True)
+
+
+class APIError(Exception):
+    """Any failure a client should see: an HTTP status and a message naming the field or resource."""
+
+    def __init__(self, status, detail, headers=None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+class ModelSlot:
+    """The loaded model, its tokenizer and engine, swapped as a whole by /api/load_model."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.lock = threading.Lock()
+        self.model = self.tokenizer = self.engine = None
+        self.name = None
+        self.error = "no model loaded yet"
+
+    def load(self, init_from, name):
+        device, dtype = resolve_device(self.cfg["device"], self.cfg["dtype"])
+        model = load_model(init_from, device, dtype)
+        tokenizer = get_tokenizer(model.tokenizer_spec)
+        engine = Engine(model, tokenizer, self.cfg["max_batch"], self.cfg["max_queue"])
+        with self.lock:
+            old = self.engine
+            self.model, self.tokenizer, self.engine, self.name, self.error = model, tokenizer, engine, name, None
+        if old:
+            old.stop()  # finishes what it is running, then its thread ends
+        log.info("loaded %s on %s", name, device)
+
+    def get(self):
+        with self.lock:
+            if self.engine is None:
+                raise APIError(503, f"no model is loaded ({self.error}); POST /api/load_model with a model_type "
+                                    f"or model_path", {"Retry-After": "30"})
+            return self.model, self.tokenizer, self.engine
+
+
+# ------------------------------------------------------------------------ request parsing
+
+def body():
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object (Content-Type: application/json)")
+    return data
+
+
+def field(data, name, kind, default=None, required=False):
+    """data[name] checked against kind (int, float, str, bool, list); missing -> default."""
+    if name not in data or data[name] is None:
+        if required:
+            raise APIError(400, f"{name} is required")
+        return default
+    value = data[name]
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool),
+          list: lambda v: isinstance(v, list)}[kind](value)
+    if not ok:
+        raise APIError(400, f"{name} must be {'a number' if kind is float else 'an integer' if kind is int else 'a ' + kind.__name__}")
+    return float(value) if kind is float else value
+
+
+def sampling(data, length_field, default_length, defaults):
+    stop = field(data, "stop", (str if isinstance(data.get("stop"), str) else list), [])
+    params = SamplingParams(
+        max_new_tokens=field(data, length_field, int, default_length),
+        temperature=field(data, "temperature", float, defaults["temperature"]),
+        top_k=field(data, "top_k", int, defaults["top_k"]),
+        top_p=field(data, "top_p", float, defaults["top_p"]),
+        repetition_penalty=field(data, "repetition_penalty", float, defaults["repetition_penalty"]),
+        do_sample=field(data, "do_sample", bool, defaults["do_sample"]),
+        seed=field(data, "seed", int, None),
+        stop=[stop] if isinstance(stop, str) else stop)
+    try:
+        params.validate()
+    except GenerationError as e:
+        msg = str(e)
+        raise APIError(400, msg.replace("max_new_tokens", length_field, 1)) from None
+    return params
+
+
+# ------------------------------------------------------------------------ the app
+
+def create_app(config=None):
+    """config: overrides of DEFAULTS (tests pass their own); environment variables GPT_<KEY>
+    (e.g. GPT_MODEL_TYPE, GPT_LUT_DB) override DEFAULTS when create_app() is called bare, as gunicorn does."""
+    cfg = dict(DEFAULTS)
+    if config is None:
+        for key, value in DEFAULTS.items():
+            env = os.environ.get(f"GPT_{key.upper()}")
+            if env is not None:
+                cfg[key] = type(value)(env) if isinstance(value, int) else (env or None)
+    else:
+        cfg.update(config)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = cfg["max_body_bytes"] * 64  # per-route limits below
+    models_dir = os.path.realpath(cfg["models_dir"])
+    os.makedirs(models_dir, exist_ok=True)
+    slot = ModelSlot(cfg)
+    store = LUTStore(cfg["lut_db"])
+    started = time.time()
+    app.extensions["gpt"] = slot
+
+    try:
+        if cfg["model_path"]:
+            slot.load(resolve_model_path(cfg["model_path"], models_dir), os.path.basename(
+                os.path.dirname(find_checkpoint(cfg["model_path"]))) or cfg["model_path"])
+        elif cfg["model_type"]:
+            slot.load(cfg["model_type"], cfg["model_type"])
+    except (ModelLoadError, APIError) as e:  # start anyway: /health says why, generation answers 503
+        slot.error = getattr(e, "detail", str(e))
+        log.error("no model loaded: %s", slot.error)
+
+    @app.errorhandler(APIError)
+    def api_error(e):
+        return jsonify(detail=e.detail), e.status, e.headers
+
+    @app.errorhandler(HTTPException)
+    def http_error(e):
+        detail = {413: "request body too large", 404: "no such route", 405: "method not allowed"}.get(e.code, e.name)
+        return jsonify(detail=f"{detail}: {request.method} {request.path}"), e.code
+
+    @app.errorhandler(Exception)
+    def unexpected(e):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(detail="internal error; see the server log"), 500
+
+    def small_body():
+        if (request.content_length or 0) > cfg["max_body_bytes"]:
+            raise APIError(413, f"request body larger than {cfg['max_body_bytes']} bytes")
+
+    app.before_request(lambda: small_body() if not request.path.endswith("/import") else None)
+
+    def run(prompt, params, lut_name):
+        """Generate for one request; returns (Sequence, prompt token count)."""
+        model, tok, engine = slot.get()
+        lut = None
+        if lut_name is not None:
+            try:
+                lut = store.load(lut_name, model)
+            except LUTError as e:
+                raise APIError(e.status, str(e)) from None
+        ids = tok.encode(prompt)
+        if not ids:
+            raise APIError(400, "prompt must not be empty")
+        limit = model.config.block_size
+        if len(ids) + params.max_new_tokens > limit:
+            raise APIError(413, f"prompt ({len(ids)} tokens) plus the tokens asked for ({params.max_new_tokens}) "
+                                f"exceed the model's context of {limit} tokens")
+        try:
+            job = engine.submit(ids, params, lut)
+        except QueueFull as e:
+            raise APIError(503, str(e), {"Retry-After": "1"}) from None
+        except GenerationError as e:
+            raise APIError(400, str(e)) from None
+        try:
+            return job.wait(cfg["request_timeout"]), len(ids)
+        except TimeoutError as e:
+            raise APIError(504, str(e)) from None
+
+    def usage(n_prompt, seq):
+        return {"prompt_tokens": n_prompt, "completion_tokens": len(seq.out_ids),
+                "total_tokens": n_prompt + len(seq.out_ids)}
+
+    # ---- seed 000: the LUT API
+
+    @app.get("/health")
+    def health():
+        out = {"status": "ok", "model_loaded": slot.engine is not None, "model": slot.name}
+        if slot.engine is None:
+            out["detail"] = slot.error
+        return jsonify(out)
+
+    @app.post("/train_lut")
+    def train_lut():
+        data = body()
+        label = field(data, "label", str, required=True)
+        context = field(data, "label_context", str)
+        lut_name = field(data, "lut_name", str, required=True)
+        model, tok, _ = slot.get()
+        try:
+            store.teach(model, tok, lut_name, label, context)
+        except LUTError as e:
+            raise APIError(e.status, str(e)) from None
+        return jsonify(status="ok", lut_name=lut_name)
+
+    @app.post("/generate")
+    def generate_route():
+        data = body()
+        prompt = field(data, "prompt", str, required=True)
+        lut_name = field(data, "lut_name", str)
+        params = sampling(data, "length", field(data, "length", int, required=True), GENERATE_DEFAULTS)
+        seq, n_prompt = run(prompt, params, lut_name)
+        return jsonify(prompt=prompt, completion=seq.text, lut_name=lut_name, finish_reason=seq.finish_reason,
+                       usage=usage(n_prompt, seq))
+
+    # ---- seed 001: the nanoGPT API
+
+    @app.get("/api/status")
+    def status():
+        model = slot.model
+        out = {"status": "online", "model_loaded": slot.engine is not None, "model": slot.name,
+               "device": str(next(model.parameters()).device) if model is not None else None,
+               "timestamp": time.time(), "uptime_s": round(time.time() - started, 1)}
+        if slot.engine is None:
+            out["detail"] = slot.error
+        else:
+            out["engine"] = slot.engine.load
+        return jsonify(out)
+
+    @app.get("/api/models")
+    def models():
+        return jsonify(pretrained_models=list(PRETRAINED), trained_models=trained_models(models_dir))
+
+    @app.post("/api/load_model")
+    def load_model_route():
+        data = body()
+        model_type, model_path = field(data, "model_type", str), field(data, "model_path", str)
+        if bool(model_type) == bool(model_path):
+            raise APIError(400, "give exactly one of model_type or model_path")
+        if model_type and model_type not in PRETRAINED:
+            raise APIError(404, f"unknown model_type {model_type!r}; choose one of {', '.join(PRETRAINED)}")
+        try:
+            if model_type:
+                slot.load(model_type, model_type)
+            else:
+                path = resolve_model_path(model_path, models_dir)
+                slot.load(path, os.path.relpath(os.path.dirname(path), models_dir))
+        except ModelLoadError as e:
+            raise APIError(503 if model_type else 400, str(e)) from None
+        return jsonify(message="Model loaded successfully", model=slot.name)
+
+    @app.post("/api/generate")
+    def api_generate():
+        data = body()
+        prompt = field(data, "prompt", str, required=True)
+        lut_name = field(data, "lut_name", str)
+        params = sampling(data, "max_new_tokens", 100,
+                          dict(temperature=0.8, top_k=200, top_p=1.0, repetition_penalty=1.0, do_sample=True))
+        seq, n_prompt = run(prompt, params, lut_name)
+        parameters = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                      "top_k": params.top_k}
+        return jsonify(prompt=prompt, generated_text=prompt + seq.text, parameters=parameters,
+                       finish_reason=seq.finish_reason, usage=usage(n_prompt, seq), lut_name=lut_name)
+
+    # ---- LUT management
+
+    def lut_call(fn, *args):
+        try:
+            return fn(*args)
+        except LUTError as e:
+            raise APIError(e.status, str(e)) from None
+
+    @app.get("/luts")
+    def list_luts():
+        return jsonify(luts=store.list())
+
+    @app.get("/luts/<lut_name>")
+    def show_lut(lut_name):
+        return jsonify(lut_call(store.show, lut_name))
+
+    @app.delete("/luts/<lut_name>")
+    def delete_lut(lut_name):
+        lut_call(store.delete, lut_name)
+        return jsonify(status="ok", lut_name=lut_name)
+
+    @app.delete("/luts/<lut_name>/labels/<int:label_id>")
+    def delete_label(lut_name, label_id):
+        lut_call(store.delete_label, lut_name, label_id)
+        return jsonify(status="ok", lut_name=lut_name, label_id=label_id)
+
+    @app.get("/luts/<lut_name>/export")
+    def export_lut(lut_name):
+        data = lut_call(store.export, lut_name)
+        return Response(data, mimetype="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{lut_name}.safetensors"'})
+
+    @app.post("/luts/<lut_name>/import")
+    def import_lut(lut_name):
+        name = lut_call(store.import_, request.get_data(), lut_name)
+        return jsonify(status="ok", lut_name=name), 201
+
+    return app
+
+
+def resolve_model_path(model_path, models_dir):
+    """A checkpoint path given by a client, only if it lies inside the models directory."""
+    path = os.path.realpath(find_checkpoint(model_path if os.path.isabs(model_path)
+                                            else os.path.join(os.getcwd(), model_path)))
+    if not path.startswith(os.path.realpath(models_dir) + os.sep):
+        raise APIError(400, f"model_path must be inside the models directory ({models_dir})")
+    if not os.path.isfile(path):
+        raise APIError(404, f"no checkpoint at model_path {model_path!r}")
+    return path
+
+
+def trained_models(models_dir):
+    """Checkpoints under models_dir (one level: out/<name>/ckpt.pt) with their training config."""
+    import json
+    found = []
+    for name in sorted(os.listdir(models_dir)):
+        ckpt = os.path.join(models_dir, name, "ckpt.pt")
+        if os.path.isfile(ckpt):
+            cfg_path = os.path.join(models_dir, name, "train_config.json")
+            try:
+                config = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
+            except ValueError:
+                config = {}
+            found.append({"name": name, "path": os.path.relpath(ckpt), "config": config})
+    return found
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="GPT-2 + per-user LUT API server (Flask's server; see README for gunicorn).")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on")
+    p.add_argument("--model_type", default="gpt2", help="GPT-2 type to load at start-up (gpt2, gpt2-medium, ...)")
+    p.add_argument("--model_path", default=None, help="checkpoint to load instead (inside --models_dir)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--lut_db", default="out/luts.sqlite", help="SQLite file holding the LUTs")
+    p.add_argument("--models_dir", default="out", help="directory of trained models; model_path must be inside")
+    p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max_queue", type=int, default=64, help="waiting requests before 503")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app({k: v for k, v in vars(args).items() if k not in ("host", "port")})
+    app.run(host=args.host, port=args.port, threaded=True)
+
+
+if __name__ == "__main__":
+    main()

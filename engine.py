@@ -1,0 +1,138 @@
+"""
+The server's generation engine: one thread owns the model and runs continuous batching. Requests
+wait in a bounded queue, join the running batch at the next token boundary, leave it when done,
+and each keeps its own sampling settings and LUT. Request threads block on their Job (or stream
+its text) while the engine thread does the work.
+"""
+import collections
+import logging
+import threading
+
+from generate import Batcher, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """Too many requests waiting; answered with 503 and Retry-After."""
+
+
+class Job:
+    """A submitted request: wait() for the finished Sequence, or iterate deltas() to stream."""
+
+    def __init__(self, seq):
+        self.seq = seq
+        self.error = None
+        self._changed = threading.Condition()
+
+    def notify(self):
+        with self._changed:
+            self._changed.notify_all()
+
+    def fail(self, error):
+        self.error = error
+        self.seq.cancel()
+        self.notify()
+
+    def cancel(self):
+        """Stop generating (client gone); the engine drops it at the next token boundary."""
+        if not self.seq.done:
+            self.seq.cancel()
+
+    def wait(self, timeout=None):
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.seq.done, timeout):
+                self.cancel()
+                raise TimeoutError("generation took longer than the time limit")
+        if self.error:
+            raise self.error
+        return self.seq
+
+    def deltas(self, timeout=None):
+        """Text as it becomes final; ends when the sequence is done."""
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self.seq.done or self.seq.emitted < len(self.seq.text), timeout)
+                done = self.seq.done
+                delta = self.seq.new_text()
+            if self.error:
+                raise self.error
+            if delta:
+                yield delta
+            if done:
+                return
+
+
+class Engine:
+
+    def __init__(self, model, tokenizer, max_batch=8, max_queue=64):
+        self.model, self.tokenizer = model, tokenizer
+        self.batcher = Batcher(model, max_batch=max_batch)
+        self.max_queue = max_queue
+        self.waiting = collections.deque()
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._thread = None  # started on first use: never before a fork (gunicorn workers)
+
+    def submit(self, prompt_ids, params, lut=None):
+        """Queue a request; raises GenerationError (bad request) or QueueFull."""
+        seq = Sequence(prompt_ids, params, self.tokenizer, lut)
+        self.batcher.check_fits(seq)
+        job = Job(seq)
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting; try again shortly")
+            self.waiting.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return job
+
+    @property
+    def load(self):
+        return {"running": len(self.batcher.seqs), "waiting": len(self.waiting),
+                "max_batch": self.batcher.max_batch, "max_queue": self.max_queue}
+
+    def stop(self):
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+
+    def _run(self):
+        running = {}  # id(seq) -> job
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._stopped or self.waiting or self.batcher.seqs)
+                if self._stopped and not self.waiting and not self.batcher.seqs:
+                    return
+                admitted = []
+                while self.waiting and len(admitted) < self.batcher.free_slots:
+                    job = self.waiting.popleft()
+                    if not job.seq.done:  # cancelled while waiting
+                        admitted.append(job)
+                    else:
+                        job.notify()
+            try:
+                if admitted:
+                    running.update((id(j.seq), j) for j in admitted)
+                    self.batcher.admit([j.seq for j in admitted])
+                    advanced = [j.seq for j in admitted]
+                else:
+                    self.batcher.retire()  # drop sequences cancelled since the last step
+                    advanced = self.batcher.step()
+            except Exception as e:  # never let one bad batch kill the engine: fail its requests
+                log.exception("generation step failed")
+                for job in running.values():
+                    job.fail(RuntimeError(f"generation failed: {e}"))
+                running.clear()
+                self.batcher = Batcher(self.model, max_batch=self.batcher.max_batch)
+                continue
+            for seq in advanced:
+                job = running.get(id(seq))
+                if job:
+                    job.notify()
+                    if seq.done:
+                        del running[id(seq)]
+            for key in [k for k, j in running.items() if j.seq.done]:  # cancelled ones
+                running.pop(key).notify()

@@ -1,0 +1,109 @@
+"""End to end: a live `python api_server.py` on a free loopback port, driven with requests and
+api_client.py exactly as the seed documents show; restarting it keeps the LUTs."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from conftest import ROOT
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, workdir, env):
+        self.workdir, self.env = workdir, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(self.port),
+                                      "--device", "cpu", "--model_type", "gpt2"], cwd=self.workdir, env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(300):
+            try:
+                if requests.get(self.url + "/health", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode())
+        raise RuntimeError("server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(hf_tiny, tmp_path, cli_env):
+    s = Server(str(tmp_path), cli_env).start()
+    yield s
+    s.stop()
+
+
+def client(server, env, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "api_client.py"), "--url", server.url, *args],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_seed_000_examples_and_restart(server):
+    assert requests.get(server.url + "/health").json()["status"] == "ok"
+    r = requests.post(server.url + "/train_lut", json={"label": "TLG Capital is an asset management firm.",
+                                                       "lut_name": "user_123"})
+    assert r.json() == {"status": "ok", "lut_name": "user_123"}
+    ask = {"prompt": "TLG Capital is", "length": 40, "lut_name": "user_123"}
+    first = requests.post(server.url + "/generate", json=ask).json()
+    assert first["completion"].startswith(" an asset management firm.")
+    server.stop()
+    server.start()  # same directory: same out/luts.sqlite
+    again = requests.post(server.url + "/generate", json=ask).json()
+    assert again["completion"].startswith(" an asset management firm.")
+
+
+def test_seed_001_python_example_and_client(server, cli_env):
+    api_url = server.url
+    assert requests.post(f"{api_url}/api/load_model", json={"model_type": "gpt2"}).json()["message"] == \
+        "Model loaded successfully"
+    seed_request = {"prompt": "Once upon a time", "max_new_tokens": 150, "temperature": 0.8, "top_k": 40}
+    response = requests.post(f"{api_url}/api/generate", json=seed_request)
+    assert response.status_code == 413  # the tiny test model's context is 128 tokens (GPT-2's is 1024)
+    response = requests.post(f"{api_url}/api/generate", json={**seed_request, "max_new_tokens": 100})
+    assert response.json()["generated_text"].startswith("Once upon a time")
+    assert client(server, cli_env, "status").returncode == 0
+    assert '"gpt2-xl"' in client(server, cli_env, "list").stdout
+    r = client(server, cli_env, "generate", "--prompt", "Once upon a time", "--max_tokens", "20",
+               "--temperature", "0.9", "--top_k", "50")
+    assert r.returncode == 0 and r.stdout.startswith("Once upon a time")
+    r = client(server, cli_env, "train-lut", "--lut_name", "u7", "--label", "Marta Kowalski is a nurse from Gdansk.")
+    assert r.returncode == 0, r.stderr
+    r = client(server, cli_env, "generate", "--prompt", "Marta Kowalski is", "--max_tokens", "8", "--lut_name", "u7")
+    assert r.stdout.startswith("Marta Kowalski is a nurse from Gdansk.")
+    assert "u7: 1 labels" in client(server, cli_env, "luts", "list").stdout
+    r = client(server, cli_env, "load", "--model_type", "gpt5")
+    assert r.returncode != 0 and r.stderr.startswith("error: 404") and "Traceback" not in r.stderr
+
+
+def test_client_reports_a_refused_connection(cli_env):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "api_client.py"), "--url",
+                        f"http://127.0.0.1:{free_port()}", "status"], env=cli_env, capture_output=True, text=True)
+    assert r.returncode != 0 and "cannot reach the server" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_concurrent_requests_are_batched_and_each_correct(server):
+    """8 clients at once: every seeded answer equals the one it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+    reqs = [{"prompt": f"Story number {i}:", "length": 12, "seed": i, "temperature": 0.9} for i in range(8)]
+    alone = [requests.post(server.url + "/generate", json=r).json()["completion"] for r in reqs]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda r: requests.post(server.url + "/generate", json=r).json()["completion"], reqs))
+    assert together == alone

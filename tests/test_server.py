@@ -1,0 +1,117 @@
+"""The REST API through Flask's test client (units) on the tiny offline GPT-2."""
+import pytest
+
+from api_server import create_app
+
+LABEL = "TLG Capital is an asset management firm."
+
+
+@pytest.fixture
+def client(hf_tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
+                      "models_dir": str(tmp_path / "out"), "max_body_bytes": 4096})
+    return app.test_client()
+
+
+def test_seed_000_flow(client):
+    assert client.get("/health").get_json()["status"] == "ok"
+    r = client.post("/train_lut", json={"label": LABEL, "label_context": None, "lut_name": "user_123"})
+    assert r.status_code == 200 and r.get_json() == {"status": "ok", "lut_name": "user_123"}
+    r = client.post("/generate", json={"prompt": "TLG Capital is", "length": 40, "lut_name": "user_123"})
+    out = r.get_json()
+    assert r.status_code == 200
+    assert out["prompt"] == "TLG Capital is" and out["lut_name"] == "user_123"
+    assert out["completion"].startswith(" an asset management firm.")  # default settings sample, yet recall exactly
+    assert out["usage"]["completion_tokens"] == 40 or out["finish_reason"] == "stop"
+
+
+def test_cold_start_and_other_users_get_the_base_model(client):
+    client.post("/train_lut", json={"label": LABEL, "lut_name": "u1"})
+    req = {"prompt": "TLG Capital is", "length": 12, "do_sample": False}
+    base = client.post("/generate", json=req).get_json()["completion"]
+    assert client.post("/generate", json={**req, "lut_name": "nobody"}).get_json()["completion"] == base
+    assert client.post("/generate", json={**req, "lut_name": "u1"}).get_json()["completion"] != base
+
+
+def test_seed_001_routes(client):
+    s = client.get("/api/status").get_json()
+    assert s["status"] == "online" and s["model_loaded"] is True and s["device"] == "cpu" and "timestamp" in s
+    m = client.get("/api/models").get_json()
+    assert m["pretrained_models"] == ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"] and m["trained_models"] == []
+    r = client.post("/api/generate", json={"prompt": "Once upon a time", "max_new_tokens": 15, "temperature": 0.8,
+                                           "top_k": 40})
+    out = r.get_json()
+    assert r.status_code == 200 and out["generated_text"].startswith("Once upon a time")
+    assert out["parameters"] == {"max_new_tokens": 15, "temperature": 0.8, "top_k": 40}
+    r = client.post("/api/load_model", json={"model_type": "gpt2-medium"})
+    assert r.status_code == 200 and r.get_json()["message"] == "Model loaded successfully"
+
+
+@pytest.mark.parametrize("route,payload,status,word", [
+    ("/generate", {"length": 5}, 400, "prompt"),
+    ("/generate", {"prompt": "Hi"}, 400, "length"),
+    ("/generate", {"prompt": 5, "length": 5}, 400, "prompt"),
+    ("/generate", {"prompt": "Hi", "length": "5"}, 400, "length"),
+    ("/generate", {"prompt": "Hi", "length": 0}, 400, "length"),
+    ("/generate", {"prompt": "Hi", "length": 5, "temperature": -1}, 400, "temperature"),
+    ("/generate", {"prompt": "Hi", "length": 5, "top_p": 2}, 400, "top_p"),
+    ("/generate", {"prompt": "Hi", "length": 5, "do_sample": "no"}, 400, "do_sample"),
+    ("/generate", {"prompt": "Hi", "length": 5, "lut_name": "bad name!"}, 400, "lut_name"),
+    ("/generate", {"prompt": "", "length": 5}, 400, "prompt"),
+    ("/generate", {"prompt": "Hi", "length": 500}, 413, "context"),
+    ("/train_lut", {"label": "x y z"}, 400, "lut_name"),
+    ("/train_lut", {"lut_name": "u1"}, 400, "label"),
+    ("/train_lut", {"label": "", "lut_name": "u1"}, 400, "label"),
+    ("/train_lut", {"label": "word " * 300, "lut_name": "u1"}, 413, "label"),
+    ("/api/generate", {"prompt": "Hi", "max_new_tokens": -3}, 400, "max_new_tokens"),
+    ("/api/generate", {"prompt": "Hi", "top_k": 1.5}, 400, "top_k"),
+    ("/api/load_model", {}, 400, "model_type"),
+    ("/api/load_model", {"model_type": "gpt5"}, 404, "gpt5"),
+    ("/api/load_model", {"model_path": "/etc/passwd"}, 400, "models directory"),
+    ("/api/load_model", {"model_path": "out/../../x/ckpt.pt"}, 400, "models directory"),
+    ("/api/load_model", {"model_path": "out/missing/ckpt.pt"}, 404, "model_path"),
+])
+def test_bad_input_gets_a_4xx_naming_the_field(client, route, payload, status, word):
+    r = client.post(route, json=payload)
+    assert r.status_code == status, r.get_json()
+    assert word in r.get_json()["detail"]
+
+
+def test_malformed_bodies(client):
+    r = client.post("/generate", data="not json", content_type="application/json")
+    assert r.status_code == 400 and "JSON object" in r.get_json()["detail"]
+    r = client.post("/generate", json=[1, 2])
+    assert r.status_code == 400
+    r = client.post("/generate", json={"prompt": "x" * 5000, "length": 1})
+    assert r.status_code == 413
+    assert client.get("/nope").status_code == 404 and "detail" in client.get("/nope").get_json()
+
+
+def test_lut_management(client):
+    client.post("/train_lut", json={"label": LABEL, "lut_name": "u1"})
+    assert [x["name"] for x in client.get("/luts").get_json()["luts"]] == ["u1"]
+    shown = client.get("/luts/u1").get_json()
+    assert shown["labels"][0]["label"] == LABEL
+    exported = client.get("/luts/u1/export")
+    assert exported.status_code == 200
+    r = client.post("/luts/u2/import", data=exported.data, content_type="application/octet-stream")
+    assert r.status_code == 201 and r.get_json()["lut_name"] == "u2"
+    assert client.post("/luts/u2/import", data=exported.data).status_code == 409
+    assert client.post("/luts/u3/import", data=b"junk").status_code == 400
+    assert client.delete(f"/luts/u1/labels/{shown['labels'][0]['id']}").status_code == 200
+    assert client.delete("/luts/u1/labels/12345").status_code == 404
+    assert client.delete("/luts/u1").status_code == 200
+    assert client.get("/luts/u1").status_code == 404
+    assert client.delete("/luts/u1").status_code == 404
+
+
+def test_server_without_weights_starts_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = create_app({"model_type": "gpt2-large", "device": "cpu", "lut_db": str(tmp_path / "l.sqlite"),
+                      "models_dir": str(tmp_path / "out")})
+    c = app.test_client()
+    health = c.get("/health").get_json()
+    assert health["status"] == "ok" and health["model_loaded"] is False and "gpt2-large" in health["detail"]
+    r = c.post("/generate", json={"prompt": "Hi", "length": 3})
+    assert r.status_code == 503 and r.headers["Retry-After"] and "load_model" in r.get_json()["detail"]
