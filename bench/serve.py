@@ -32,17 +32,19 @@ def start_server(workdir, ckpt_dir):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(port), "--device", "cpu",
                              "--models_dir", "models", "--model_path", ckpt_dir], cwd=workdir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "server.log"), "w"))
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
             if requests.get(url + "/health", timeout=1).json().get("model_loaded"):
                 return proc, url
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             pass
+        if proc.poll() is not None:
+            break
         time.sleep(0.2)
     proc.kill()
-    sys.exit("server did not start")
+    sys.exit("server did not start:\n" + open(os.path.join(workdir, "server.log")).read()[-2000:])
 
 
 def load(url, clients, n_requests, new_tokens):
