@@ -98,7 +98,8 @@ def field(data, name, kind, default=None, required=False):
           str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool),
           list: lambda v: isinstance(v, list)}[kind](value)
     if not ok:
-        raise APIError(400, f"{name} must be {'a number' if kind is float else 'an integer' if kind is int else 'a ' + kind.__name__}")
+        what = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}[kind]
+        raise APIError(400, f"{name} must be {what}")
     return float(value) if kind is float else value
 
 

@@ -222,7 +222,7 @@ class Batcher:
                                logits_at=last, lut=luts)
         self.seqs += new_seqs
         self.lengths += [len(s.prompt_ids) for s in new_seqs]
-        self._take(new_seqs, sample_next(logits, new_seqs, luts and luts.hit_at(last)), lo)
+        self._take(new_seqs, sample_next(logits, new_seqs, luts and luts.hit_at(last)))
 
     @torch.inference_mode()
     def step(self):
@@ -238,10 +238,10 @@ class Batcher:
         logits, _ = self.model(idx, cache=self.cache.rows(0, B), pos=pos, logits_at=None, lut=luts)
         self.lengths = [n + 1 for n in self.lengths]
         forced = luts and luts.hit_at(torch.zeros(B, dtype=torch.long, device=self.device))
-        self._take(seqs, sample_next(logits[:, -1], seqs, forced), 0)
+        self._take(seqs, sample_next(logits[:, -1], seqs, forced))
         return seqs
 
-    def _take(self, seqs, tokens, lo):
+    def _take(self, seqs, tokens):
         for s, t in zip(seqs, tokens.tolist()):
             if not s.done:
                 s.append(t)

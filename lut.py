@@ -427,13 +427,14 @@ class LUTStore:
         model_id, layer, version = row
         rows = db.execute("SELECT token, radius, key, value FROM entries WHERE lut=? ORDER BY id",
                           (lut_name,)).fetchall()
-        tokens, radius, keys, values = zip(*rows) if rows else ((), (), (), ())
+        if not rows:  # every label deleted: an empty LUT, which matches nothing
+            return LUT(lut_name, model_id, layer, torch.zeros(0, dtype=torch.long), torch.zeros(0, 0),
+                       torch.zeros(0, 0), torch.zeros(0), version)
+        tokens, radius, keys, values = zip(*rows)
         as_matrix = lambda blobs: torch.from_numpy(
             np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(blobs), -1).astype(np.float32))
-        C = None if rows else 0
-        return LUT(lut_name, model_id, layer, torch.tensor(tokens, dtype=torch.long),
-                   as_matrix(keys) if rows else torch.zeros(0, C), as_matrix(values) if rows else torch.zeros(0, C),
-                   torch.tensor(radius, dtype=torch.float32), version)
+        return LUT(lut_name, model_id, layer, torch.tensor(tokens, dtype=torch.long), as_matrix(keys),
+                   as_matrix(values), torch.tensor(radius, dtype=torch.float32), version)
 
     # -- managing
 

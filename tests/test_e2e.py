@@ -24,11 +24,12 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
+        self.log = os.path.join(workdir, "server.log")  # a file, not a pipe: the access log never blocks it
 
     def start(self):
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(self.port),
                                       "--device", "cpu", "--model_type", "gpt2"], cwd=self.workdir, env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
         for _ in range(300):
             try:
                 if requests.get(self.url + "/health", timeout=1).ok:
@@ -36,7 +37,7 @@ class Server:
             except requests.ConnectionError:
                 time.sleep(0.1)
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read().decode())
+                raise RuntimeError(open(self.log).read()[-2000:])
         raise RuntimeError("server did not start")
 
     def stop(self):
