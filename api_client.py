@@ -6,12 +6,15 @@ Command-line client for api_server.py.
     python api_client.py generate --prompt "Once upon a time" --max_tokens 200 --temperature 0.9 --top_k 50
     python api_client.py train-lut --lut_name user_123 --label "TLG Capital is an asset management firm."
     python api_client.py generate --prompt "TLG Capital is" --lut_name user_123
+    python api_client.py train --dataset shakesphere --output_dir out/shakespeare_model --model_type gpt2
+    python api_client.py train-status 1 --wait
     python api_client.py luts list | show NAME | delete NAME [--label_id N] | export NAME FILE | import NAME FILE
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import requests
 
@@ -38,6 +41,31 @@ def show(args, r, text=None):
         print(json.dumps(data, indent=2))
     else:
         print(text(data))
+
+
+TRAIN_FLAGS = [  # optional /api/train settings; unset ones take the server's defaults
+    ("batch_size", int, "sequences per micro-batch (server default 4)"),
+    ("learning_rate", float, "peak learning rate (server default 3e-5)"),
+    ("max_iters", int, "optimizer steps (server default 20)"),
+    ("eval_interval", int, "evaluate and keep the best checkpoint every N steps (server default 5)"),
+    ("eval_iters", int, "batches per evaluation"),
+    ("block_size", int, "context length"),
+    ("init_from", str, "scratch, resume or a GPT-2 type (default: --model_type)"),
+    ("n_layer", int, "layers (scratch only)"),
+    ("n_head", int, "attention heads (scratch only)"),
+    ("n_embd", int, "width (scratch only)"),
+    ("dropout", float, "dropout rate"),
+    ("gradient_accumulation_steps", int, "micro-batches per step"),
+    ("warmup_iters", int, "warmup steps"),
+    ("device", str, "cpu, cuda or auto"),
+]
+
+
+def job_line(job):
+    progress = f"iter {job['iteration']}/{job['max_iters']}" if job["iteration"] is not None else "starting"
+    losses = ", ".join(f"{k} {job[k]:.4f}" for k in ("train_loss", "val_loss") if job[k] is not None)
+    return f"job {job['job_id']} {job['status']}: {progress}" + (f", {losses}" if losses else "") + \
+        f" -> {job['output_dir']}" + (f" ({job['error']})" if job.get("error") else "")
 
 
 def main(argv=None):
@@ -67,6 +95,19 @@ def main(argv=None):
     teach.add_argument("--lut_name", required=True, help="the LUT (user or tenant id)")
     teach.add_argument("--label", required=True, help="text to learn")
     teach.add_argument("--label_context", default=None, help="text the label follows")
+    tr = sub.add_parser("train", help="start a training or fine-tuning job on the server")
+    tr.add_argument("--dataset", required=True, help="a dataset prepared on the server (shakespeare, shakespeare_char, "
+                    "openwebtext, ...; shakesphere = shakespeare)")
+    tr.add_argument("--output_dir", required=True, help="where the model goes, inside the server's out/ "
+                    "(e.g. out/shakespeare_model)")
+    tr.add_argument("--model_type", default=None, help="GPT-2 type to fine-tune (server default: gpt2)")
+    for name, kind, helptext in TRAIN_FLAGS:
+        tr.add_argument(f"--{name}", type=kind, default=None, help=helptext)
+    st = sub.add_parser("train-status", help="show a training job (or list them all)")
+    st.add_argument("job_id", nargs="?", type=int, default=None, help="job id (default: list every job)")
+    st.add_argument("--wait", action="store_true", help="poll until the job has ended, printing its progress")
+    cancel = sub.add_parser("train-cancel", help="stop a running training job")
+    cancel.add_argument("job_id", type=int, help="job id")
     luts = sub.add_parser("luts", help="manage LUTs")
     lsub = luts.add_subparsers(dest="action", required=True)
     lsub.add_parser("list", help="list LUTs")
@@ -101,6 +142,27 @@ def main(argv=None):
     elif args.cmd == "train-lut":
         payload = {"label": args.label, "lut_name": args.lut_name, "label_context": args.label_context}
         show(args, call(args, "POST", "/train_lut", json=payload), lambda d: f"taught LUT {d['lut_name']}")
+    elif args.cmd == "train":
+        payload = {k: getattr(args, k) for k in ["dataset", "output_dir", "model_type"] + [f[0] for f in TRAIN_FLAGS]}
+        payload = {k: v for k, v in payload.items() if v is not None}
+        show(args, call(args, "POST", "/api/train", json=payload), lambda d: (
+            f"{d['message']}: job {d['job_id']}, process {d['process_id']}, config {d['config_path']}\n"
+            f"follow it with: python api_client.py train-status {d['job_id']} --wait"))
+    elif args.cmd == "train-status" and args.job_id is None:
+        show(args, call(args, "GET", "/api/train"),
+             lambda d: "\n".join(job_line(j) for j in d["jobs"]) or "no training jobs")
+    elif args.cmd == "train-status":
+        while True:
+            r = call(args, "GET", f"/api/train/{args.job_id}")
+            if not args.wait or r.json()["status"] != "running":
+                break
+            print(job_line(r.json()), flush=True)
+            time.sleep(5)
+        show(args, r, lambda d: job_line(d) + "".join(f"\n  {line}" for line in d["log_tail"][-5:]))
+        if r.json()["status"] == "failed":
+            sys.exit(1)
+    elif args.cmd == "train-cancel":
+        show(args, call(args, "POST", f"/api/train/{args.job_id}/cancel"), job_line)
     elif args.action == "list":
         show(args, call(args, "GET", "/luts"), lambda d: "\n".join(
             f"{x['name']}: {x['labels']} labels, {x['entries']} entries" for x in d["luts"]) or "no LUTs")

@@ -6,6 +6,8 @@ nanoGPT-style /api/* routes, on one model owned by a continuous-batching engine.
     gunicorn -c gunicorn.conf.py 'api_server:create_app()'
 """
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import threading
@@ -19,6 +21,7 @@ from generate import GenerationError, SamplingParams
 from lut import LUTError, LUTStore
 from model import PRETRAINED, ModelLoadError, find_checkpoint, load_model, resolve_device
 from tokenizer import get_tokenizer
+from trainer import JobError, Trainer
 
 log = logging.getLogger("api_server")
 
@@ -29,6 +32,9 @@ DEFAULTS = dict(
     dtype="float32",
     lut_db="out/luts.sqlite",
     models_dir="out",
+    data_dir="data",  # prepared datasets for /api/train
+    state_db="out/server.sqlite",  # training jobs
+    max_train_jobs=1,  # /api/train answers 409 while this many run
     max_batch=8,  # sequences decoded together
     max_queue=64,  # requests waiting beyond that get 503
     max_body_bytes=1 << 20,  # larger bodies get 413 (LUT imports may be up to 64x this)
@@ -37,6 +43,8 @@ DEFAULTS = dict(
 # /generate defaults (seed 000 sends only prompt, length, lut_name): sampling as seed 002 documents,
 # without its repetition penalty, which would push a taught label's repeated words aside.
 GENERATE_DEFAULTS = dict(temperature=0.7, top_k=80, top_p=0.9, repetition_penalty=1.0, do_sample=True)
+# /api/train defaults: seed 001's example request (a short GPT-2 fine-tune); the rest as train.py's
+TRAIN_DEFAULTS = dict(model_type="gpt2", batch_size=4, learning_rate=3e-5, max_iters=20, eval_interval=5)
 
 
 class APIError(Exception):
@@ -141,6 +149,7 @@ def create_app(config=None):
     os.makedirs(models_dir, exist_ok=True)
     slot = ModelSlot(cfg)
     store = LUTStore(cfg["lut_db"])
+    trainer = Trainer(cfg["state_db"], cfg["max_train_jobs"])
     started = time.time()
     app.extensions["gpt"] = slot
 
@@ -286,6 +295,33 @@ def create_app(config=None):
         return jsonify(prompt=prompt, generated_text=prompt + seq.text, parameters=parameters,
                        finish_reason=seq.finish_reason, usage=usage(n_prompt, seq), lut_name=lut_name)
 
+    def job_call(fn, *args):
+        try:
+            return fn(*args)
+        except JobError as e:
+            raise APIError(e.status, str(e)) from None
+
+    @app.post("/api/train")
+    def api_train():
+        data = body()
+        settings, echo = train_settings(data, models_dir, cfg["data_dir"])
+        job = job_call(trainer.start, settings, data["output_dir"], settings["out_dir"], echo)
+        log.info("training job %s started: pid %s, %s", job["job_id"], job["process_id"], settings["out_dir"])
+        return jsonify(message="Training started", config=echo, config_path=job["config_path"],
+                       process_id=job["process_id"], job_id=job["job_id"])
+
+    @app.get("/api/train")
+    def api_train_jobs():
+        return jsonify(jobs=trainer.list())
+
+    @app.get("/api/train/<int:job_id>")
+    def api_train_job(job_id):
+        return jsonify(job_call(trainer.get, job_id))
+
+    @app.post("/api/train/<int:job_id>/cancel")
+    def api_train_cancel(job_id):
+        return jsonify(job_call(trainer.cancel, job_id))
+
     # ---- LUT management
 
     def lut_call(fn, *args):
@@ -326,30 +362,65 @@ def create_app(config=None):
     return app
 
 
+def inside(path, root, name):
+    """A client's path (relative to the server's working directory) resolved, links and '..'
+    included, only if it lies inside root: no request reaches files elsewhere."""
+    full = os.path.realpath(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
+    if not full.startswith(os.path.realpath(root) + os.sep):
+        raise APIError(400, f"{name} must be inside the models directory ({root})")
+    return full
+
+
 def resolve_model_path(model_path, models_dir):
-    """A checkpoint path given by a client, only if it lies inside the models directory."""
-    path = os.path.realpath(find_checkpoint(model_path if os.path.isabs(model_path)
-                                            else os.path.join(os.getcwd(), model_path)))
-    if not path.startswith(os.path.realpath(models_dir) + os.sep):
-        raise APIError(400, f"model_path must be inside the models directory ({models_dir})")
+    path = find_checkpoint(inside(model_path, models_dir, "model_path"))
     if not os.path.isfile(path):
         raise APIError(404, f"no checkpoint at model_path {model_path!r}")
     return path
 
 
+def train_settings(data, models_dir, data_dir):
+    """An /api/train request -> (full train.py settings, the config echoed to the client).
+    Fields: the seed's (dataset, output_dir, model_type, ...) and any other train.py setting."""
+    import train
+    types = {f.name: f.type for f in dataclasses.fields(train.TrainConfig) if f.name not in ("out_dir", "data_dir")}
+    unknown = sorted(set(data) - set(types) - {"output_dir", "model_type"})
+    if unknown:
+        raise APIError(400, f"unknown field {unknown[0]!r}; /api/train takes output_dir, model_type and the "
+                            f"train.py settings: {', '.join(types)}")
+    output_dir = field(data, "output_dir", str, required=True)
+    field(data, "dataset", str, required=True)
+    model_type = field(data, "model_type", str, TRAIN_DEFAULTS["model_type"])
+    if model_type not in PRETRAINED:
+        raise APIError(400, f"model_type must be one of {', '.join(PRETRAINED)}")
+    given = {name: field(data, name, kind) for name, kind in types.items() if data.get(name) is not None}
+    echo = {"dataset": given["dataset"], "output_dir": output_dir, "model_type": model_type,
+            **{k: v for k, v in TRAIN_DEFAULTS.items() if k != "model_type"}, **given}
+    settings = {**dataclasses.asdict(train.TrainConfig()), "init_from": model_type, **echo,
+                "out_dir": inside(output_dir, models_dir, "output_dir"), "data_dir": os.path.abspath(data_dir)}
+    del settings["output_dir"], settings["model_type"]
+    try:
+        train.TrainConfig(**settings).validate()
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    if settings["init_from"] == "resume" and not os.path.isfile(os.path.join(settings["out_dir"], "ckpt.pt")):
+        raise APIError(400, f"init_from resume needs a checkpoint in output_dir {output_dir!r}")
+    return settings, echo
+
+
 def trained_models(models_dir):
-    """Checkpoints under models_dir (one level: out/<name>/ckpt.pt) with their training config."""
-    import json
+    """Checkpoints under models_dir (out/<name>/ckpt.pt, at any depth) with their training config."""
     found = []
-    for name in sorted(os.listdir(models_dir)):
-        ckpt = os.path.join(models_dir, name, "ckpt.pt")
-        if os.path.isfile(ckpt):
-            cfg_path = os.path.join(models_dir, name, "train_config.json")
+    for dirpath, dirnames, filenames in os.walk(models_dir):
+        dirnames.sort()
+        if "ckpt.pt" in filenames:
+            config = {}
             try:
-                config = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
-            except ValueError:
-                config = {}
-            found.append({"name": name, "path": os.path.relpath(ckpt), "config": config})
+                with open(os.path.join(dirpath, "train_config.json")) as f:
+                    config = json.load(f)
+            except (OSError, ValueError):
+                pass
+            found.append({"name": os.path.relpath(dirpath, models_dir),
+                          "path": os.path.relpath(os.path.join(dirpath, "ckpt.pt")), "config": config})
     return found
 
 
@@ -363,6 +434,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--lut_db", default="out/luts.sqlite", help="SQLite file holding the LUTs")
     p.add_argument("--models_dir", default="out", help="directory of trained models; model_path must be inside")
+    p.add_argument("--data_dir", default="data", help="prepared datasets that /api/train may use")
+    p.add_argument("--state_db", default="out/server.sqlite", help="SQLite file recording training jobs")
     p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max_queue", type=int, default=64, help="waiting requests before 503")
     args = p.parse_args(argv)

@@ -108,3 +108,30 @@ def test_concurrent_requests_are_batched_and_each_correct(server):
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda r: requests.post(server.url + "/generate", json=r).json()["completion"], reqs))
     assert together == alone
+
+
+def test_seed_001_training_through_the_client(server, cli_env):
+    """The seed's `api_client.py train` command, word for word, then status, list, load, generate."""
+    from test_train import SHARED_TEXT
+    if not os.path.exists(SHARED_TEXT):
+        pytest.skip("needs ../shared/data/tinyshakespeare.txt")
+    prep = subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare", "prepare.py"), "--input",
+                           SHARED_TEXT, "--out_dir", os.path.join(server.workdir, "data", "shakespeare")],
+                          env=cli_env, capture_output=True, text=True, timeout=120)
+    assert prep.returncode == 0, prep.stderr
+    r = client(server, cli_env, "train", "--dataset", "shakesphere", "--output_dir", "out/shakespeare_model",
+               "--model_type", "gpt2")
+    assert r.returncode == 0 and r.stdout.startswith("Training started: job 1"), r.stderr
+    r = client(server, cli_env, "--json", "train-status", "1", "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = r.stdout[r.stdout.index("{"):]  # after the progress lines
+    import json
+    job = json.loads(status)
+    assert job["status"] == "succeeded" and job["iteration"] == 20 and job["config"]["dataset"] == "shakesphere"
+    assert "shakespeare_model" in client(server, cli_env, "list").stdout
+    r = client(server, cli_env, "load", "--model_path", "out/shakespeare_model/ckpt.pt")
+    assert r.returncode == 0 and "Model loaded successfully" in r.stdout
+    r = client(server, cli_env, "generate", "--prompt", "Once upon a time", "--max_tokens", "10")
+    assert r.returncode == 0 and r.stdout.startswith("Once upon a time")
+    r = client(server, cli_env, "train", "--dataset", "shakesphere", "--output_dir", "/tmp/elsewhere")
+    assert r.returncode != 0 and r.stderr.startswith("error: 400") and "output_dir" in r.stderr

@@ -1,0 +1,222 @@
+"""
+Training jobs for the server: each one is `python train.py --config <out_dir>/train_config.json`
+in its own process group, recorded in SQLite so that its status survives a server restart.
+
+A job is running, succeeded, failed or cancelled. The process's output goes to
+<out_dir>/train_output.log; its progress (iteration, losses, tokens/s) is read from the
+train_log.jsonl that train.py writes. A job that was running when the server stopped is looked
+up again by pid: still alive (and still train.py on that config) means running, otherwise its
+log says whether it finished ("done" record) or not.
+"""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing
+
+TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS train_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    status TEXT NOT NULL,            -- running | succeeded | failed | cancelled
+    pid INTEGER,
+    output_dir TEXT NOT NULL,        -- as the client gave it
+    out_dir TEXT NOT NULL,           -- resolved, absolute
+    config TEXT NOT NULL,            -- the request's settings (JSON)
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    returncode INTEGER,
+    error TEXT,
+    created REAL NOT NULL,
+    finished REAL
+)"""
+
+
+class JobError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Trainer:
+
+    def __init__(self, db_path, max_jobs=1):
+        self.db_path, self.max_jobs = db_path, max_jobs
+        self.lock = threading.Lock()  # one launch decision at a time in this process
+        self.procs = {}  # job id -> Popen, for the jobs this process started
+        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(SCHEMA)
+
+    def _db(self):
+        """A short-lived autocommit connection: jobs are rare, and none is carried across a fork."""
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        return closing(conn)
+
+    # ---------------------------------------------------------------- start, cancel
+
+    def start(self, settings, output_dir, out_dir, request_config):
+        """settings: a full train.py config (dict); writes it to out_dir/train_config.json and
+        launches train.py on it. Returns the job."""
+        with self.lock:
+            running = [j for j in self.list() if j["status"] == "running"]
+            if len(running) >= self.max_jobs:
+                j = running[0]
+                raise JobError(409, f"training job {j['job_id']} is still running (one job at a time); wait for it "
+                                    f"or cancel it with POST /api/train/{j['job_id']}/cancel")
+            os.makedirs(out_dir, exist_ok=True)
+            config_path = os.path.join(out_dir, "train_config.json")
+            with open(config_path, "w") as f:
+                json.dump(settings, f, indent=2)
+            for stale in ("train_log.jsonl", "train_output.log"):  # progress of an earlier run here
+                if os.path.exists(os.path.join(out_dir, stale)):
+                    os.remove(os.path.join(out_dir, stale))
+            output = open(os.path.join(out_dir, "train_output.log"), "wb")
+            # an argument list, no shell; its own session so cancel can stop it and its children
+            proc = subprocess.Popen([sys.executable, TRAIN_PY, "--config", config_path], stdout=output,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            output.close()
+            with self._db() as db:
+                job_id = db.execute(
+                    "INSERT INTO train_jobs (status, pid, output_dir, out_dir, config, created) "
+                    "VALUES ('running', ?, ?, ?, ?, ?)",
+                    (proc.pid, output_dir, out_dir, json.dumps(request_config), time.time())).lastrowid
+            self.procs[job_id] = proc
+        threading.Thread(target=self._watch, args=(job_id, proc), daemon=True).start()
+        return self.get(job_id)
+
+    def _watch(self, job_id, proc):
+        rc = proc.wait()
+        with self._db() as db:
+            row = db.execute("SELECT cancel_requested FROM train_jobs WHERE id = ?", (job_id,)).fetchone()
+            status = "cancelled" if row["cancel_requested"] else "succeeded" if rc == 0 else "failed"
+            db.execute("UPDATE train_jobs SET status = ?, returncode = ?, finished = ?, error = ? "
+                       "WHERE id = ? AND status = 'running'",
+                       (status, rc, time.time(), None if status != "failed" else f"train.py exited with {rc}",
+                        job_id))
+        self.procs.pop(job_id, None)
+
+    def cancel(self, job_id):
+        job = self.get(job_id)
+        if job["status"] != "running":
+            raise JobError(409, f"training job {job_id} is not running (it is {job['status']})")
+        with self._db() as db:
+            db.execute("UPDATE train_jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        try:
+            os.killpg(job["process_id"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc = self.procs.get(job_id)
+        if proc is not None:  # ours: the watcher records the end
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(job["process_id"], signal.SIGKILL)
+                proc.wait()
+            for _ in range(100):  # let the watcher thread write it
+                if self.get(job_id)["status"] != "running":
+                    break
+                time.sleep(0.05)
+        else:  # started by an earlier server: nobody waits on it, record it here
+            with self._db() as db:
+                db.execute("UPDATE train_jobs SET status = 'cancelled', finished = ? WHERE id = ? "
+                           "AND status = 'running'", (time.time(), job_id))
+        return self.get(job_id)
+
+    # ---------------------------------------------------------------- status
+
+    def get(self, job_id):
+        with self._db() as db:
+            row = db.execute("SELECT * FROM train_jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobError(404, f"no training job {job_id}")
+        return self._describe(self._refresh(row))
+
+    def list(self):
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM train_jobs ORDER BY id").fetchall()
+        return [self._describe(self._refresh(r), tail=0) for r in rows]
+
+    def _refresh(self, row):
+        """A job recorded as running that no thread here is watching (the server restarted):
+        alive means running; gone means finished or failed, as its log says."""
+        if row["status"] != "running" or row["id"] in self.procs or _alive(row["pid"], row["out_dir"]):
+            return row
+        done = any(r.get("event") == "done" for r in _records(row["out_dir"]))
+        status = "cancelled" if row["cancel_requested"] else "succeeded" if done else "failed"
+        error = None if status != "failed" else (
+            "the training process ended while the server was not watching it and left no completion record; "
+            "see log_tail")
+        with self._db() as db:
+            db.execute("UPDATE train_jobs SET status = ?, error = ?, finished = ? WHERE id = ? AND status = 'running'",
+                       (status, error, time.time(), row["id"]))
+            return db.execute("SELECT * FROM train_jobs WHERE id = ?", (row["id"],)).fetchone()
+
+    @staticmethod
+    def _describe(row, tail=20):
+        config = json.loads(row["config"])
+        job = {"job_id": row["id"], "status": row["status"], "process_id": row["pid"],
+               "output_dir": row["output_dir"], "config": config,
+               "config_path": os.path.join(row["output_dir"], "train_config.json"),
+               "created": row["created"], "finished": row["finished"], "returncode": row["returncode"],
+               "error": row["error"], "iteration": None, "max_iters": None, "train_loss": None,
+               "val_loss": None, "best_val_loss": None, "tokens_per_s": None}
+        for r in _records(row["out_dir"]):
+            if r.get("event") == "iter":
+                job.update(iteration=r["iter"], train_loss=r["loss"], tokens_per_s=r["tokens_per_s"])
+            elif r.get("event") == "eval":
+                job.update(iteration=r["iter"], val_loss=r["val_loss"])
+                job["best_val_loss"] = min(r["val_loss"], job["best_val_loss"] or float("inf"))
+            elif r.get("event") == "start":
+                job["iteration"] = r["iter"]
+        try:
+            with open(os.path.join(row["out_dir"], "train_config.json")) as f:
+                job["max_iters"] = json.load(f).get("max_iters")
+        except (OSError, ValueError):
+            pass
+        if tail:
+            job["log_tail"] = _tail(os.path.join(row["out_dir"], "train_output.log"), tail)
+        return job
+
+
+def _alive(pid, out_dir):
+    """pid is still train.py running on this job's config (a recycled pid does not count)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped
+                return False
+    except OSError:
+        return False
+    return "train.py" in cmdline and os.path.join(out_dir, "train_config.json") in cmdline
+
+
+def _records(out_dir):
+    try:
+        with open(os.path.join(out_dir, "train_log.jsonl")) as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written right now
+            pass
+    return out
+
+
+def _tail(path, n):
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 16384))
+            return f.read().decode(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
