@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 from engine import Engine, QueueFull
 from generate import GenerationError, SamplingParams
 from lut import LUTError, LUTStore
-from model import PRETRAINED, ModelLoadError, find_checkpoint, load_model, resolve_device
+from model import HUB_ORG, PRETRAINED, ModelLoadError, find_checkpoint, load_model, resolve_device
 from tokenizer import get_tokenizer
 from trainer import JobError, Trainer
 
@@ -37,12 +37,14 @@ DEFAULTS = dict(
     max_train_jobs=1,  # /api/train answers 409 while this many run
     max_batch=8,  # sequences decoded together
     max_queue=64,  # requests waiting beyond that get 503
+    max_batch_prompts=32,  # /generate/batch
     max_body_bytes=1 << 20,  # larger bodies get 413 (LUT imports may be up to 64x this)
     request_timeout=300,  # seconds a generation may take
 )
-# /generate defaults (seed 000 sends only prompt, length, lut_name): sampling as seed 002 documents,
-# without its repetition penalty, which would push a taught label's repeated words aside.
-GENERATE_DEFAULTS = dict(temperature=0.7, top_k=80, top_p=0.9, repetition_penalty=1.0, do_sample=True)
+# /generate, /chat, /generate/batch defaults: seed 002's. A taught label is still recalled exactly
+# (seed 000 sends only prompt, length, lut_name): LUT-matched positions decode greedily.
+GENERATE_DEFAULTS = dict(temperature=0.7, top_k=80, top_p=0.9, repetition_penalty=1.15, do_sample=True)
+SEED_002_MAX_LENGTH = 8192  # /generate's default length: an upper bound, cut to the context
 # /api/train defaults: seed 001's example request (a short GPT-2 fine-tune); the rest as train.py's
 TRAIN_DEFAULTS = dict(model_type="gpt2", batch_size=4, learning_rate=3e-5, max_iters=20, eval_interval=5)
 
@@ -76,6 +78,16 @@ class ModelSlot:
         if old:
             old.stop()  # finishes what it is running, then its thread ends
         log.info("loaded %s on %s", name, device)
+
+    def unload(self):
+        """Free the model; returns its name (None if none was loaded)."""
+        with self.lock:
+            name, engine = (self.name, self.engine) if self.engine is not None else (None, None)
+            self.model = self.tokenizer = self.engine = self.name = None
+            self.error = "unloaded by request" if name else self.error
+        if engine:
+            engine.stop()
+        return name
 
     def get(self):
         with self.lock:
@@ -130,6 +142,149 @@ def sampling(data, length_field, default_length, defaults):
     return params
 
 
+# ------------------------------------------------------------------------ the service
+
+class Service:
+    """What the routes share: the model slot, the LUT store, the trainer, and generation."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.models_dir = os.path.realpath(cfg["models_dir"])
+        os.makedirs(self.models_dir, exist_ok=True)
+        self.slot = ModelSlot(cfg)
+        self.store = LUTStore(cfg["lut_db"])
+        self.trainer = Trainer(cfg["state_db"], cfg["max_train_jobs"])
+        self.started = time.time()
+
+    # ---- models by id: GPT-2 types (and seed 003's "gpt-2"), and trained models under models_dir
+
+    def registry(self):
+        """model id -> (init_from, canonical name)."""
+        ids = {t: (t, t) for t in PRETRAINED}
+        ids["gpt-2"] = ("gpt2", "gpt2")
+        for m in trained_models(self.models_dir):
+            ids.setdefault(m["name"], (os.path.join(self.models_dir, m["name"]), m["name"]))
+        return ids
+
+    def use_model(self, model_id):
+        """Make model_id the loaded model (seed 003: generating with a model starts it)."""
+        if model_id is None:
+            return
+        entry = self.registry().get(model_id)
+        if entry is None:
+            raise APIError(404, f"unknown model_id {model_id!r}; GET /models lists them")
+        if self.slot.name != entry[1]:
+            try:
+                self.slot.load(*entry)
+            except ModelLoadError as e:
+                raise APIError(503, f"model {model_id!r} could not be started: {e}", {"Retry-After": "30"}) from None
+
+    # ---- generation
+
+    def lut(self, model, lut_name):
+        if lut_name is None:
+            return None
+        try:
+            return self.store.load(lut_name, model)
+        except LUTError as e:
+            raise APIError(e.status, str(e)) from None
+
+    def submit(self, prompt, params, lut_name=None, fit=False):
+        """Queue one generation; returns (job, prompt token count). fit=True shortens
+        max_new_tokens to what the context leaves (an upper bound, like seed 002's max_length)
+        instead of refusing with 413."""
+        model, tok, engine = self.slot.get()
+        lut = self.lut(model, lut_name)
+        try:
+            ids = tok.encode(prompt)
+        except ValueError as e:  # a character-level model meets a character it has never seen
+            raise APIError(400, f"prompt: {e}") from None
+        if not ids:
+            raise APIError(400, "prompt must not be empty")
+        limit = model.config.block_size
+        if fit and len(ids) < limit:
+            params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, limit - len(ids)))
+        if len(ids) + params.max_new_tokens > limit:
+            raise APIError(413, f"prompt ({len(ids)} tokens) plus the tokens asked for ({params.max_new_tokens}) "
+                                f"exceed the model's context of {limit} tokens")
+        try:
+            return engine.submit(ids, params, lut), len(ids)
+        except QueueFull as e:
+            raise APIError(503, str(e), {"Retry-After": "1"}) from None
+        except GenerationError as e:
+            raise APIError(400, str(e)) from None
+
+    def wait(self, job):
+        try:
+            return job.wait(self.cfg["request_timeout"])
+        except TimeoutError as e:
+            raise APIError(504, str(e)) from None
+
+    def run(self, prompt, params, lut_name=None, fit=False):
+        """Generate for one request; returns (Sequence, prompt token count)."""
+        job, n_prompt = self.submit(prompt, params, lut_name, fit)
+        return self.wait(job), n_prompt
+
+
+def usage(n_prompt, seqs):
+    n_out = sum(len(s.out_ids) for s in seqs)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
+def sse(events, job=None):
+    """A text/event-stream response from an iterator of already framed events. If the client goes
+    away, the server closes the iterator; the finally clause then stops the generation."""
+    def body():
+        try:
+            yield from events
+        finally:
+            if job is not None:
+                job.cancel()
+    return Response(body(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def sse_text(text):
+    """One SSE event carrying raw text (seed 002); a newline inside becomes a second data line,
+    which SSE clients join back with a newline."""
+    return "".join(f"data: {line}\n" for line in text.split("\n")) + "\n"
+
+
+def text_events(job, timeout):
+    """Seed 002 streaming: the text as it is generated, then data: [DONE]. A comment line every
+    few seconds of silence keeps proxies open and lets a vanished client be noticed."""
+    deadline = time.time() + timeout
+    for delta in job.deltas(heartbeat=5):
+        yield sse_text(delta) if delta else ": keep-alive\n\n"
+        if time.time() > deadline:
+            job.cancel()
+            yield "event: error\ndata: generation took longer than the time limit\n\n"
+            return
+    if job.error:
+        yield f"event: error\ndata: {job.error}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_prompt(messages):
+    """A chat as a plain transcript that a base GPT-2 continues (see README):
+    'System: ...\nUser: ...\nAssistant:'; generation stops where the next turn would begin."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects")
+    lines = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise APIError(400, f"messages[{i}] must be an object with role (system, user or assistant) and "
+                                f"content (a string)")
+        lines.append(f"{m['role'].capitalize()}: {m['content'].strip()}")
+    return "\n".join(lines) + "\nAssistant:"
+
+
+CHAT_STOP = ["\nUser:", "\nSystem:", "\nAssistant:"]
+
+
 # ------------------------------------------------------------------------ the app
 
 def create_app(config=None):
@@ -145,13 +300,9 @@ def create_app(config=None):
         cfg.update(config)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = cfg["max_body_bytes"] * 64  # per-route limits below
-    models_dir = os.path.realpath(cfg["models_dir"])
-    os.makedirs(models_dir, exist_ok=True)
-    slot = ModelSlot(cfg)
-    store = LUTStore(cfg["lut_db"])
-    trainer = Trainer(cfg["state_db"], cfg["max_train_jobs"])
-    started = time.time()
-    app.extensions["gpt"] = slot
+    svc = Service(cfg)
+    slot, store, trainer, models_dir = svc.slot, svc.store, svc.trainer, svc.models_dir
+    app.extensions["gpt"] = svc
 
     try:
         if cfg["model_path"]:
@@ -183,38 +334,7 @@ def create_app(config=None):
 
     app.before_request(lambda: small_body() if not request.path.endswith("/import") else None)
 
-    def run(prompt, params, lut_name):
-        """Generate for one request; returns (Sequence, prompt token count)."""
-        model, tok, engine = slot.get()
-        lut = None
-        if lut_name is not None:
-            try:
-                lut = store.load(lut_name, model)
-            except LUTError as e:
-                raise APIError(e.status, str(e)) from None
-        ids = tok.encode(prompt)
-        if not ids:
-            raise APIError(400, "prompt must not be empty")
-        limit = model.config.block_size
-        if len(ids) + params.max_new_tokens > limit:
-            raise APIError(413, f"prompt ({len(ids)} tokens) plus the tokens asked for ({params.max_new_tokens}) "
-                                f"exceed the model's context of {limit} tokens")
-        try:
-            job = engine.submit(ids, params, lut)
-        except QueueFull as e:
-            raise APIError(503, str(e), {"Retry-After": "1"}) from None
-        except GenerationError as e:
-            raise APIError(400, str(e)) from None
-        try:
-            return job.wait(cfg["request_timeout"]), len(ids)
-        except TimeoutError as e:
-            raise APIError(504, str(e)) from None
-
-    def usage(n_prompt, seq):
-        return {"prompt_tokens": n_prompt, "completion_tokens": len(seq.out_ids),
-                "total_tokens": n_prompt + len(seq.out_ids)}
-
-    # ---- seed 000: the LUT API
+    # ---- seed 000 (LUTs), 002 and 003: one /generate for all three (README: "One /generate")
 
     @app.get("/health")
     def health():
@@ -236,15 +356,69 @@ def create_app(config=None):
             raise APIError(e.status, str(e)) from None
         return jsonify(status="ok", lut_name=lut_name)
 
+    def generation_request(data):
+        """The fields /generate, /chat and /generate/batch share -> (params, fit, lut_name, stream).
+        The length is `length` (seed 000) or `max_new_tokens` (seeds 001, 003): exact, 413 if the
+        context cannot hold it; or `max_length` (seed 002, default 8192): an upper bound, cut to
+        what the context leaves."""
+        given = [f for f in ("length", "max_new_tokens", "max_length") if data.get(f) is not None]
+        if len(given) > 1:
+            raise APIError(400, f"give only one of length, max_new_tokens or max_length (got {', '.join(given)})")
+        length_field = given[0] if given else "max_length"
+        params = sampling(data, length_field, SEED_002_MAX_LENGTH, GENERATE_DEFAULTS)
+        lut_name, stream = field(data, "lut_name", str), field(data, "stream", bool, False)
+        svc.use_model(field(data, "model_id", str))
+        return params, length_field == "max_length", lut_name, stream
+
     @app.post("/generate")
     def generate_route():
         data = body()
         prompt = field(data, "prompt", str, required=True)
-        lut_name = field(data, "lut_name", str)
-        params = sampling(data, "length", field(data, "length", int, required=True), GENERATE_DEFAULTS)
-        seq, n_prompt = run(prompt, params, lut_name)
-        return jsonify(prompt=prompt, completion=seq.text, lut_name=lut_name, finish_reason=seq.finish_reason,
-                       usage=usage(n_prompt, seq))
+        params, fit, lut_name, stream = generation_request(data)
+        if stream:
+            job, _ = svc.submit(prompt, params, lut_name, fit)
+            return sse(text_events(job, cfg["request_timeout"]), job)
+        seq, n_prompt = svc.run(prompt, params, lut_name, fit)
+        return jsonify(prompt=prompt, completion=seq.text, response=seq.text, generated_text=prompt + seq.text,
+                       model_id=slot.name, lut_name=lut_name, finish_reason=seq.finish_reason,
+                       usage=usage(n_prompt, [seq]))
+
+    @app.post("/chat")
+    def chat():
+        data = body()
+        prompt = chat_prompt(data.get("messages"))
+        params, _, lut_name, stream = generation_request(data)
+        params = dataclasses.replace(params, stop=params.stop + CHAT_STOP)
+        if stream:
+            job, _ = svc.submit(prompt, params, lut_name, fit=True)
+            return sse(text_events(job, cfg["request_timeout"]), job)
+        seq, n_prompt = svc.run(prompt, params, lut_name, fit=True)
+        return jsonify(choices=[{"message": {"role": "assistant", "content": seq.text.strip()},
+                                 "finish_reason": seq.finish_reason}],
+                       usage=usage(n_prompt, [seq]), model_id=slot.name, lut_name=lut_name)
+
+    @app.post("/generate/batch")
+    def generate_batch():
+        data = body()
+        prompts = field(data, "prompts", list, required=True)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise APIError(400, "prompts must be a non-empty list of strings")
+        if len(prompts) > cfg["max_batch_prompts"]:
+            raise APIError(413, f"prompts: at most {cfg['max_batch_prompts']} per request, got {len(prompts)}")
+        params, fit, lut_name, stream = generation_request(data)
+        if stream:
+            raise APIError(400, "stream is not supported by /generate/batch")
+        jobs = []
+        try:  # seeded requests give prompt i the seed seed+i: reproducible, yet not all alike
+            for i, p in enumerate(prompts):
+                seed = None if params.seed is None else params.seed + i
+                jobs.append(svc.submit(p, dataclasses.replace(params, seed=seed), lut_name, fit))
+            seqs = [svc.wait(job) for job, _ in jobs]
+        finally:
+            for job, _ in jobs:
+                job.cancel()  # a no-op for finished ones; frees the rest if one failed
+        return jsonify(responses=[s.text for s in seqs], finish_reasons=[s.finish_reason for s in seqs],
+                       usage=usage(sum(n for _, n in jobs), seqs), model_id=slot.name, lut_name=lut_name)
 
     # ---- seed 001: the nanoGPT API
 
@@ -253,7 +427,7 @@ def create_app(config=None):
         model = slot.model
         out = {"status": "online", "model_loaded": slot.engine is not None, "model": slot.name,
                "device": str(next(model.parameters()).device) if model is not None else None,
-               "timestamp": time.time(), "uptime_s": round(time.time() - started, 1)}
+               "timestamp": time.time(), "uptime_s": round(time.time() - svc.started, 1)}
         if slot.engine is None:
             out["detail"] = slot.error
         else:
@@ -289,11 +463,88 @@ def create_app(config=None):
         lut_name = field(data, "lut_name", str)
         params = sampling(data, "max_new_tokens", 100,
                           dict(temperature=0.8, top_k=200, top_p=1.0, repetition_penalty=1.0, do_sample=True))
-        seq, n_prompt = run(prompt, params, lut_name)
+        seq, n_prompt = svc.run(prompt, params, lut_name)
         parameters = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                       "top_k": params.top_k}
         return jsonify(prompt=prompt, generated_text=prompt + seq.text, parameters=parameters,
-                       finish_reason=seq.finish_reason, usage=usage(n_prompt, seq), lut_name=lut_name)
+                       finish_reason=seq.finish_reason, usage=usage(n_prompt, [seq]), lut_name=lut_name)
+
+    # ---- seeds 002 and 003: models by id, system information
+
+    def model_list():
+        loaded = slot.name if slot.engine is not None else None
+        return [{"id": mid, "name": name, "hf_name": f"{HUB_ORG}/{init}" if init in PRETRAINED else
+                 os.path.relpath(init), "type": "pretrained" if init in PRETRAINED else "trained",
+                 "running": name == loaded} for mid, (init, name) in svc.registry().items()]
+
+    @app.get("/")
+    def index():
+        return jsonify(message="GPT-2 inference API with per-user LUTs", models=list(svc.registry()),
+                       running_containers=[slot.name] if slot.engine is not None else [])
+
+    @app.get("/models")
+    def models_by_id():
+        return jsonify(models=model_list())
+
+    @app.get("/models/available")
+    def models_available():
+        return jsonify(models=model_list())
+
+    @app.get("/models/current")
+    def models_current():
+        if slot.engine is None:
+            return jsonify(model_id=None, loaded=False, detail=slot.error)
+        model = slot.model
+        return jsonify(model_id=slot.name, loaded=True, device=str(next(model.parameters()).device),
+                       dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                       parameters=model.get_num_params(), config=dataclasses.asdict(model.config))
+
+    @app.post("/models/load")
+    def models_load():
+        model_id = field(body(), "model_id", str, required=True)
+        svc.use_model(model_id)
+        return jsonify(message=f"Model {model_id} loaded", model_id=model_id)
+
+    @app.post("/models/unload")
+    def models_unload():
+        name = slot.unload()
+        if name is None:
+            raise APIError(404, "no model is loaded")
+        return jsonify(message=f"Model {name} unloaded", model_id=name)
+
+    @app.post("/models/<path:model_id>/start")
+    def models_start(model_id):
+        svc.use_model(model_id)
+        return jsonify(message=f"Model {model_id} started", model_id=model_id, port=request.server[1],
+                       container_name=None)  # no containers here: the model runs in this process
+
+    @app.post("/models/<path:model_id>/stop")
+    def models_stop(model_id):
+        entry = svc.registry().get(model_id)
+        if entry is None:
+            raise APIError(404, f"unknown model_id {model_id!r}")
+        if slot.engine is None or slot.name != entry[1]:
+            raise APIError(404, f"model {model_id!r} is not running")
+        slot.unload()
+        return jsonify(message=f"Model {model_id} stopped", model_id=model_id)
+
+    @app.get("/system/info")
+    def system_info():
+        import platform
+        import resource
+        import torch
+        gpus = [{"name": torch.cuda.get_device_name(i),
+                 "memory_mb": torch.cuda.get_device_properties(i).total_memory // 2**20}
+                for i in range(torch.cuda.device_count())]
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+        return jsonify(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+                       cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), memory_total_mb=total,
+                       process_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                       cuda_available=torch.cuda.is_available(), gpus=gpus, model=slot.name,
+                       model_loaded=slot.engine is not None, engine=slot.engine.load if slot.engine else None,
+                       uptime_s=round(time.time() - svc.started, 1))
+
+    # ---- training jobs (seed 001's /api/train)
 
     def job_call(fn, *args):
         try:

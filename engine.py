@@ -48,16 +48,19 @@ class Job:
             raise self.error
         return self.seq
 
-    def deltas(self, timeout=None):
-        """Text as it becomes final; ends when the sequence is done."""
+    def deltas(self, heartbeat=None):
+        """Text as it becomes final; ends when the sequence is done. With heartbeat (seconds),
+        an empty string is yielded after that long without news, so a streaming caller can
+        write something and find out whether its client is still there."""
+        seen = 0  # length of seq.text at the last look (its tail may be held back, see new_text)
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self.seq.done or self.seq.emitted < len(self.seq.text), timeout)
-                done = self.seq.done
+                news = self._changed.wait_for(lambda: self.seq.done or len(self.seq.text) != seen, heartbeat)
+                done, seen = self.seq.done, len(self.seq.text)
                 delta = self.seq.new_text()
             if self.error:
                 raise self.error
-            if delta:
+            if delta or not news:
                 yield delta
             if done:
                 return
@@ -72,6 +75,7 @@ class Engine:
         self.waiting = collections.deque()
         self._wake = threading.Condition()
         self._stopped = False
+        self.finished = collections.Counter()  # finish_reason -> requests
         self._thread = None  # started on first use: never before a fork (gunicorn workers)
 
     def submit(self, prompt_ids, params, lut=None):
@@ -92,7 +96,7 @@ class Engine:
     @property
     def load(self):
         return {"running": len(self.batcher.seqs), "waiting": len(self.waiting),
-                "max_batch": self.batcher.max_batch, "max_queue": self.max_queue}
+                "max_batch": self.batcher.max_batch, "max_queue": self.max_queue, "finished": dict(self.finished)}
 
     def stop(self):
         with self._wake:
@@ -132,7 +136,7 @@ class Engine:
                 job = running.get(id(seq))
                 if job:
                     job.notify()
-                    if seq.done:
-                        del running[id(seq)]
-            for key in [k for k, j in running.items() if j.seq.done]:  # cancelled ones
-                running.pop(key).notify()
+            for key in [k for k, j in running.items() if j.seq.done]:  # finished, or cancelled meanwhile
+                job = running.pop(key)
+                self.finished[job.seq.finish_reason] += 1
+                job.notify()

@@ -135,3 +135,37 @@ def test_seed_001_training_through_the_client(server, cli_env):
     assert r.returncode == 0 and r.stdout.startswith("Once upon a time")
     r = client(server, cli_env, "train", "--dataset", "shakesphere", "--output_dir", "/tmp/elsewhere")
     assert r.returncode != 0 and r.stderr.startswith("error: 400") and "output_dir" in r.stderr
+
+
+def test_streaming_over_a_real_socket_and_disconnect(server):
+    body = {"prompt": "Hello", "stream": True, "do_sample": False, "max_length": 20}
+    with requests.post(server.url + "/generate", json=body, stream=True) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        raw = b"".join(r.iter_content(None)).decode()
+    assert raw.endswith("\n\ndata: [DONE]\n\n") and raw.startswith("data: ")
+    plain = requests.post(server.url + "/generate", json={**body, "stream": False}).json()["completion"]
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")][:-1]
+    assert "".join("\n".join(ln[6:] for ln in e.split("\n")) for e in events) == plain
+
+    # a client that reads one event and hangs up: the server stops that generation. A wider model
+    # with GPT-2's full context, saved as a trained checkpoint, makes the generation last seconds.
+    import json
+    import torch
+    from model import GPT, GPTConfig
+    config = GPTConfig(n_layer=4, n_head=4, n_embd=256)
+    os.makedirs(os.path.join(server.workdir, "out", "slow"))
+    torch.save({"model_args": config.__dict__, "model": GPT(config).state_dict()},
+               os.path.join(server.workdir, "out", "slow", "ckpt.pt"))
+    payload = json.dumps({**body, "max_length": 8192, "model_id": "slow"}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(4096)
+    for _ in range(100):
+        status = requests.get(server.url + "/api/status").json()
+        if status["engine"]["finished"].get("cancelled"):
+            break
+        time.sleep(0.05)
+    assert status["model"] == "slow" and status["engine"]["finished"] == {"cancelled": 1}, status

@@ -1,4 +1,6 @@
 """The REST API through Flask's test client (units) on the tiny offline GPT-2."""
+import time
+
 import pytest
 
 from api_server import create_app
@@ -50,7 +52,23 @@ def test_seed_001_routes(client):
 
 @pytest.mark.parametrize("route,payload,status,word", [
     ("/generate", {"length": 5}, 400, "prompt"),
-    ("/generate", {"prompt": "Hi"}, 400, "length"),
+    ("/generate", {"prompt": "Hi", "length": 5, "max_length": 5}, 400, "only one of"),
+    ("/generate", {"prompt": "Hi", "max_new_tokens": 500}, 413, "context"),
+    ("/generate", {"prompt": "Hi", "max_length": 0}, 400, "max_length"),
+    ("/generate", {"prompt": "Hi", "length": 5, "model_id": "gpt5"}, 404, "gpt5"),
+    ("/generate", {"prompt": "Hi", "length": 5, "stream": "yes"}, 400, "stream"),
+    ("/chat", {"messages": []}, 400, "messages"),
+    ("/chat", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0]"),
+    ("/chat", {"messages": [{"role": "user", "content": 3}]}, 400, "messages[0]"),
+    ("/generate/batch", {"prompts": "one"}, 400, "prompts"),
+    ("/generate/batch", {"prompts": []}, 400, "prompts"),
+    ("/generate/batch", {"prompts": ["a", 2]}, 400, "prompts"),
+    ("/generate/batch", {"prompts": ["a"] * 33}, 413, "prompts"),
+    ("/generate/batch", {"prompts": ["a", ""], "max_length": 3}, 400, "prompt"),
+    ("/models/load", {}, 400, "model_id"),
+    ("/models/load", {"model_id": "nope"}, 404, "nope"),
+    ("/models/nope/start", {}, 404, "nope"),
+    ("/models/gpt2-xl/stop", {}, 404, "not running"),
     ("/generate", {"prompt": 5, "length": 5}, 400, "prompt"),
     ("/generate", {"prompt": "Hi", "length": "5"}, 400, "length"),
     ("/generate", {"prompt": "Hi", "length": 0}, 400, "length"),
@@ -115,3 +133,87 @@ def test_server_without_weights_starts_and_says_why(tmp_path, monkeypatch):
     assert health["status"] == "ok" and health["model_loaded"] is False and "gpt2-large" in health["detail"]
     r = c.post("/generate", json={"prompt": "Hi", "length": 3})
     assert r.status_code == 503 and r.headers["Retry-After"] and "load_model" in r.get_json()["detail"]
+
+
+def test_one_generate_serves_seeds_000_002_003(client):
+    """Each seed's request, and each seed's response fields in the one answer."""
+    seed_000 = client.post("/generate", json={"prompt": "TLG Capital is", "length": 5, "lut_name": None}).get_json()
+    assert {"prompt", "completion", "lut_name"} <= set(seed_000) and seed_000["usage"]["completion_tokens"] <= 5
+    seed_002 = client.post("/generate", json={"prompt": "Explain quantum computing in simple terms"}).get_json()
+    assert set(seed_002["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    # max_length 8192 (the default) is an upper bound: cut to what the 128-token context leaves
+    assert seed_002["usage"]["total_tokens"] <= 128 and seed_002["response"] == seed_002["completion"]
+    full = {"prompt": "Explain", "model_id": None, "stream": False, "max_length": 8192, "temperature": 0.7,
+            "top_p": 0.9, "top_k": 80, "repetition_penalty": 1.15, "do_sample": True}
+    assert client.post("/generate", json=full).status_code == 200
+    seed_003 = client.post("/generate", json={"model_id": "gpt-2", "prompt": "Hello world", "max_new_tokens": 5,
+                                              "temperature": 0.7, "top_p": 0.95}).get_json()
+    assert seed_003["model_id"] == "gpt2" and seed_003["generated_text"] == "Hello world" + seed_003["completion"]
+
+
+def test_chat_and_batch(client):
+    msgs = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hello, how are you?"}]
+    r = client.post("/chat", json={"messages": msgs, "max_length": 8, "seed": 1})
+    out = r.get_json()
+    assert r.status_code == 200 and out["choices"][0]["message"]["role"] == "assistant"
+    assert out["choices"][0]["finish_reason"] in ("length", "stop") and out["usage"]["prompt_tokens"] > 10
+    r = client.post("/generate/batch", json={"prompts": ["Write a haiku", "Tell a joke", "A fact"], "max_length": 6,
+                                             "seed": 7})
+    out = r.get_json()
+    assert r.status_code == 200 and len(out["responses"]) == 3
+    assert 3 <= out["usage"]["completion_tokens"] <= 18 and len(out["finish_reasons"]) == 3
+    again = client.post("/generate/batch", json={"prompts": ["Write a haiku", "Tell a joke", "A fact"],
+                                                 "max_length": 6, "seed": 7}).get_json()
+    assert again["responses"] == out["responses"]  # seeded: reproducible
+
+
+def test_streaming_sse_framing(client):
+    r = client.post("/generate", json={"prompt": "Once upon a time", "max_length": 12, "stream": True,
+                                       "do_sample": False})
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    raw = r.get_data(as_text=True)
+    assert raw.endswith("data: [DONE]\n\n")
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]
+    text = "".join("\n".join(line[6:] for line in e.split("\n")) for e in events[:-1])
+    same = client.post("/generate", json={"prompt": "Once upon a time", "max_length": 12, "do_sample": False})
+    assert text == same.get_json()["completion"]  # the stream carries exactly the text
+    r = client.post("/chat", json={"messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_length": 4})
+    assert r.get_data(as_text=True).endswith("data: [DONE]\n\n")
+
+
+def test_model_management_seed_002_003(client):
+    assert client.get("/").get_json()["running_containers"] == ["gpt2"]
+    models = {m["id"]: m for m in client.get("/models").get_json()["models"]}
+    assert models["gpt-2"]["running"] and models["gpt2"]["hf_name"] == "openai-community/gpt2"
+    assert not models["gpt2-medium"]["running"]
+    assert client.get("/models/available").get_json()["models"] == list(models.values())
+    cur = client.get("/models/current").get_json()
+    assert cur["model_id"] == "gpt2" and cur["config"]["n_layer"] == 2
+    info = client.get("/system/info").get_json()
+    assert info["cpu_count"] >= 1 and info["model"] == "gpt2" and "torch" in info
+    r = client.post("/models/gpt-2/stop")
+    assert r.status_code == 200 and client.get("/models/current").get_json()["loaded"] is False
+    assert client.post("/generate", json={"prompt": "Hi", "length": 2}).status_code == 503
+    assert client.post("/models/unload").status_code == 404
+    r = client.post("/models/gpt2-medium/start")
+    assert r.status_code == 200 and client.get("/models/current").get_json()["model_id"] == "gpt2-medium"
+    assert client.post("/models/load", json={"model_id": "gpt2"}).status_code == 200
+    assert client.post("/models/unload").get_json()["model_id"] == "gpt2"
+    # seed 003: generating with a model_id starts that model
+    r = client.post("/generate", json={"model_id": "gpt-2", "prompt": "Hi", "max_new_tokens": 2})
+    assert r.status_code == 200 and client.get("/").get_json()["running_containers"] == ["gpt2"]
+
+
+def test_a_stream_closed_by_its_client_stops_generating(client):
+    r = client.post("/generate", json={"prompt": "Once upon a time", "stream": True, "do_sample": False},
+                    buffered=False)
+    first = next(r.response)  # one event, then the client goes away
+    assert first.startswith(b"data: ")
+    r.close()
+    engine = client.application.extensions["gpt"].slot.engine
+    for _ in range(100):
+        if engine.load["finished"].get("cancelled"):
+            break
+        time.sleep(0.02)
+    assert engine.load["finished"] == {"cancelled": 1} and engine.load["running"] == 0
