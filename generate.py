@@ -27,6 +27,9 @@ class SamplingParams:
     seed: int | None = None  # fixes this sequence's draws whatever else shares the batch
     stop: list = field(default_factory=list)  # strings that end the text (not included)
     ignore_eos: bool = False  # keep going past <|endoftext|> (benchmarks)
+    presence_penalty: float = 0.0  # OpenAI-style, over generated tokens: - presence if seen at all
+    frequency_penalty: float = 0.0  # ... and - frequency * times seen
+    logprobs: int | None = None  # record each token's log-probability and this many alternatives
 
     def validate(self):
         checks = [
@@ -39,6 +42,12 @@ class SamplingParams:
             ("do_sample", isinstance(self.do_sample, bool), "true or false"),
             ("seed", self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
              "an integer in [0, 2**63)"),
+            ("presence_penalty", _number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "a number in [-2, 2]"),
+            ("frequency_penalty", _number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "a number in [-2, 2]"),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+             "an integer in [0, 20]"),
             ("stop", isinstance(self.stop, list) and len(self.stop) <= 8
              and all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop),
              "up to 8 non-empty strings"),
@@ -75,6 +84,8 @@ class Sequence:
             params.seed if params.seed is not None else random.getrandbits(63))
         self._seen = set(self.prompt_ids)  # for the repetition penalty
         self._seen_tensor = None
+        self.logprobs = []  # with params.logprobs: (token logprob, [(alternative, logprob), ...]) per token
+        self.next_logprobs = None  # (V,) log-softmax of the raw logits for the token being chosen
 
     @property
     def done(self):
@@ -90,6 +101,11 @@ class Sequence:
         if token == self.eot:
             self._finish("stop")
             return
+        if self.next_logprobs is not None:
+            top = torch.topk(self.next_logprobs, self.params.logprobs) if self.params.logprobs else None
+            alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            self.logprobs.append((float(self.next_logprobs[token]), alternatives))
+            self.next_logprobs = None
         self.out_ids.append(token)
         if token not in self._seen:
             self._seen.add(token)
@@ -138,16 +154,21 @@ def sample_next(logits, seqs, forced=None):
     """logits: (B, V) for the rows of seqs; returns (B,) next token ids (on the CPU).
     forced: (B,) bool, rows whose position matched a LUT entry: those take the argmax of the raw
     logits, so a taught label comes out exactly whatever the sampling settings."""
-    logits = logits.float()
+    logits = logits.float()  # edited in place below: the caller has no further use for it
     device = logits.device
     forced = forced.tolist() if forced is not None else [False] * len(seqs)
     raw_best = logits.argmax(dim=-1).cpu()
     for b, s in enumerate(seqs):
+        if s.params.logprobs is not None:  # the model's own distribution, before any sampling setting
+            s.next_logprobs = logits[b].log_softmax(-1).cpu()
         p = s.params.repetition_penalty
         if p != 1.0:  # make seen tokens less likely: shrink positive logits, grow negative ones
             seen = s.seen_tensor(device)
             vals = logits[b, seen]
             logits[b, seen] = torch.where(vals > 0, vals / p, vals * p)
+        if (s.params.presence_penalty or s.params.frequency_penalty) and s.out_ids:
+            ids, counts = torch.tensor(s.out_ids, device=device).unique(return_counts=True)
+            logits[b, ids] -= s.params.frequency_penalty * counts + s.params.presence_penalty
     out = logits.argmax(dim=-1).cpu()
     for b, s in enumerate(seqs):
         if forced[b]:

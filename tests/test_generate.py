@@ -81,6 +81,36 @@ def test_repetition_penalty_changes_only_seen_tokens():
     assert sample_next(logits.clone(), [penalised]).tolist() == [2]  # 3.0 -> 1.5 falls below 2.0
 
 
+def test_presence_and_frequency_penalties_apply_to_generated_tokens_only():
+    logits = torch.tensor([[3.0, 2.5, 2.0, 0.5]])
+    def pick(**kw):
+        seq = Sequence([1], SamplingParams(do_sample=False, **kw), NoEOT())
+        seq.out_ids = [0, 0]  # token 0 generated twice; the prompt token 1 is not penalised
+        return sample_next(logits.clone(), [seq]).tolist()[0]
+    assert pick() == 0
+    assert pick(presence_penalty=0.4) == 0  # 3.0 - 0.4 still beats 2.5
+    assert pick(presence_penalty=0.6) == 1
+    assert pick(frequency_penalty=0.3) == 1  # 3.0 - 2 * 0.3 = 2.4
+    assert pick(frequency_penalty=-1.0) == 0
+
+
+def test_logprobs_are_the_models_own_distribution(tiny):
+    model, tok = tiny
+    params = SamplingParams(max_new_tokens=5, do_sample=False, logprobs=3, ignore_eos=True,
+                            repetition_penalty=1.5)
+    seq = generate(model, tok, ["Hello there"], params)[0]
+    assert len(seq.logprobs) == len(seq.out_ids) == 5
+    ids = tok.encode("Hello there") + seq.out_ids
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    expected = logits[0].float().log_softmax(-1)[len(ids) - 6:len(ids) - 1]  # rows predicting the outputs
+    for i, (lp, alternatives) in enumerate(seq.logprobs):
+        assert abs(lp - float(expected[i, seq.out_ids[i]])) < 1e-4
+        assert len(alternatives) == 3
+        assert abs(alternatives[0][1] - float(expected[i].max())) < 1e-4
+    assert generate(model, tok, ["Hello"], SamplingParams(max_new_tokens=2))[0].logprobs == []
+
+
 def feed(tok, text, params):
     seq = Sequence([1], params, tok)
     deltas = []
@@ -129,7 +159,8 @@ def test_stream_yields_the_same_text_as_generate(tiny):
 
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_k", -1),
                                          ("top_p", 0.0), ("repetition_penalty", 0), ("do_sample", "yes"),
-                                         ("seed", -5), ("stop", [""]), ("stop", "x")])
+                                         ("seed", -5), ("stop", [""]), ("stop", "x"), ("presence_penalty", 2.5),
+                                         ("frequency_penalty", "1"), ("logprobs", 21)])
 def test_bad_sampling_settings_name_the_field(field, value):
     with pytest.raises(GenerationError, match=field):
         SamplingParams(**{field: value}).validate()
