@@ -16,8 +16,10 @@ import time
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+import openai_api
+from api_common import APIError, CHAT_STOP, body, chat_prompt, field, sampling, sse, text_events, usage
 from engine import Engine, QueueFull
-from generate import GenerationError, SamplingParams
+from generate import GenerationError
 from lut import LUTError, LUTStore
 from model import HUB_ORG, PRETRAINED, ModelLoadError, find_checkpoint, load_model, resolve_device
 from tokenizer import get_tokenizer
@@ -47,14 +49,6 @@ GENERATE_DEFAULTS = dict(temperature=0.7, top_k=80, top_p=0.9, repetition_penalt
 SEED_002_MAX_LENGTH = 8192  # /generate's default length: an upper bound, cut to the context
 # /api/train defaults: seed 001's example request (a short GPT-2 fine-tune); the rest as train.py's
 TRAIN_DEFAULTS = dict(model_type="gpt2", batch_size=4, learning_rate=3e-5, max_iters=20, eval_interval=5)
-
-
-class APIError(Exception):
-    """Any failure a client should see: an HTTP status and a message naming the field or resource."""
-
-    def __init__(self, status, detail, headers=None):
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers or {}
 
 
 class ModelSlot:
@@ -95,51 +89,6 @@ class ModelSlot:
                 raise APIError(503, f"no model is loaded ({self.error}); POST /api/load_model with a model_type "
                                     f"or model_path", {"Retry-After": "30"})
             return self.model, self.tokenizer, self.engine
-
-
-# ------------------------------------------------------------------------ request parsing
-
-def body():
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object (Content-Type: application/json)")
-    return data
-
-
-def field(data, name, kind, default=None, required=False):
-    """data[name] checked against kind (int, float, str, bool, list); missing -> default."""
-    if name not in data or data[name] is None:
-        if required:
-            raise APIError(400, f"{name} is required")
-        return default
-    value = data[name]
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool),
-          list: lambda v: isinstance(v, list)}[kind](value)
-    if not ok:
-        what = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}[kind]
-        raise APIError(400, f"{name} must be {what}")
-    return float(value) if kind is float else value
-
-
-def sampling(data, length_field, default_length, defaults):
-    stop = field(data, "stop", (str if isinstance(data.get("stop"), str) else list), [])
-    params = SamplingParams(
-        max_new_tokens=field(data, length_field, int, default_length),
-        temperature=field(data, "temperature", float, defaults["temperature"]),
-        top_k=field(data, "top_k", int, defaults["top_k"]),
-        top_p=field(data, "top_p", float, defaults["top_p"]),
-        repetition_penalty=field(data, "repetition_penalty", float, defaults["repetition_penalty"]),
-        do_sample=field(data, "do_sample", bool, defaults["do_sample"]),
-        seed=field(data, "seed", int, None),
-        stop=[stop] if isinstance(stop, str) else stop)
-    try:
-        params.validate()
-    except GenerationError as e:
-        msg = str(e)
-        raise APIError(400, msg.replace("max_new_tokens", length_field, 1)) from None
-    return params
 
 
 # ------------------------------------------------------------------------ the service
@@ -187,26 +136,32 @@ class Service:
         try:
             return self.store.load(lut_name, model)
         except LUTError as e:
-            raise APIError(e.status, str(e)) from None
+            raise APIError(e.status, str(e), param="lut_name") from None
 
     def submit(self, prompt, params, lut_name=None, fit=False):
-        """Queue one generation; returns (job, prompt token count). fit=True shortens
-        max_new_tokens to what the context leaves (an upper bound, like seed 002's max_length)
-        instead of refusing with 413."""
+        """Queue one generation of prompt (text, or a list of token ids); returns (job, prompt
+        token count). fit=True shortens max_new_tokens to what the context leaves (an upper
+        bound, like seed 002's max_length) instead of refusing with 413."""
         model, tok, engine = self.slot.get()
         lut = self.lut(model, lut_name)
-        try:
-            ids = tok.encode(prompt)
-        except ValueError as e:  # a character-level model meets a character it has never seen
-            raise APIError(400, f"prompt: {e}") from None
+        if isinstance(prompt, str):
+            try:
+                ids = tok.encode(prompt)
+            except ValueError as e:  # a character-level model meets a character it has never seen
+                raise APIError(400, f"prompt: {e}", param="prompt") from None
+        elif all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tok.vocab_size for t in prompt):
+            ids = list(prompt)
+        else:
+            raise APIError(400, f"prompt token ids must be integers in [0, {tok.vocab_size})", param="prompt")
         if not ids:
-            raise APIError(400, "prompt must not be empty")
+            raise APIError(400, "prompt must not be empty", param="prompt")
         limit = model.config.block_size
         if fit and len(ids) < limit:
             params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, limit - len(ids)))
         if len(ids) + params.max_new_tokens > limit:
             raise APIError(413, f"prompt ({len(ids)} tokens) plus the tokens asked for ({params.max_new_tokens}) "
-                                f"exceed the model's context of {limit} tokens")
+                                f"exceed the model's context of {limit} tokens", param="prompt",
+                           code="context_length_exceeded")
         try:
             return engine.submit(ids, params, lut), len(ids)
         except QueueFull as e:
@@ -224,65 +179,6 @@ class Service:
         """Generate for one request; returns (Sequence, prompt token count)."""
         job, n_prompt = self.submit(prompt, params, lut_name, fit)
         return self.wait(job), n_prompt
-
-
-def usage(n_prompt, seqs):
-    n_out = sum(len(s.out_ids) for s in seqs)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-
-
-def sse(events, job=None):
-    """A text/event-stream response from an iterator of already framed events. If the client goes
-    away, the server closes the iterator; the finally clause then stops the generation."""
-    def body():
-        try:
-            yield from events
-        finally:
-            if job is not None:
-                job.cancel()
-    return Response(body(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def sse_text(text):
-    """One SSE event carrying raw text (seed 002); a newline inside becomes a second data line,
-    which SSE clients join back with a newline."""
-    return "".join(f"data: {line}\n" for line in text.split("\n")) + "\n"
-
-
-def text_events(job, timeout):
-    """Seed 002 streaming: the text as it is generated, then data: [DONE]. A comment line every
-    few seconds of silence keeps proxies open and lets a vanished client be noticed."""
-    deadline = time.time() + timeout
-    for delta in job.deltas(heartbeat=5):
-        yield sse_text(delta) if delta else ": keep-alive\n\n"
-        if time.time() > deadline:
-            job.cancel()
-            yield "event: error\ndata: generation took longer than the time limit\n\n"
-            return
-    if job.error:
-        yield f"event: error\ndata: {job.error}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-CHAT_ROLES = ("system", "user", "assistant")
-
-
-def chat_prompt(messages):
-    """A chat as a plain transcript that a base GPT-2 continues (see README):
-    'System: ...\nUser: ...\nAssistant:'; generation stops where the next turn would begin."""
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list of {role, content} objects")
-    lines = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise APIError(400, f"messages[{i}] must be an object with role (system, user or assistant) and "
-                                f"content (a string)")
-        lines.append(f"{m['role'].capitalize()}: {m['content'].strip()}")
-    return "\n".join(lines) + "\nAssistant:"
-
-
-CHAT_STOP = ["\nUser:", "\nSystem:", "\nAssistant:"]
 
 
 # ------------------------------------------------------------------------ the app
@@ -314,19 +210,24 @@ def create_app(config=None):
         slot.error = getattr(e, "detail", str(e))
         log.error("no model loaded: %s", slot.error)
 
-    @app.errorhandler(APIError)
-    def api_error(e):
-        return jsonify(detail=e.detail), e.status, e.headers
-
-    @app.errorhandler(HTTPException)
-    def http_error(e):
-        detail = {413: "request body too large", 404: "no such route", 405: "method not allowed"}.get(e.code, e.name)
-        return jsonify(detail=f"{detail}: {request.method} {request.path}"), e.code
-
+    # One error handler: {"detail": ...} everywhere, OpenAI's error object under /v1.
     @app.errorhandler(Exception)
-    def unexpected(e):
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(detail="internal error; see the server log"), 500
+    def error(e):
+        if isinstance(e, APIError):
+            status, message, headers, param, code = e.status, e.detail, e.headers, e.param, e.code
+        elif isinstance(e, HTTPException):
+            reason = {413: "request body too large", 404: "no such route", 405: "method not allowed"}.get(e.code, e.name)
+            status, message, headers, param, code = e.code, f"{reason}: {request.method} {request.path}", {}, None, None
+        else:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            status, message, headers, param, code = 500, "internal error; see the server log", {}, None, None
+        if not request.path.startswith("/v1/"):
+            return jsonify(detail=message), status, headers
+        if code == "context_length_exceeded":
+            status = 400  # what OpenAI answers, and what its clients expect
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return jsonify(error={"message": message, "type": kind, "param": param, "code": code}), status, headers
 
     def small_body():
         if (request.content_length or 0) > cfg["max_body_bytes"]:
@@ -610,6 +511,7 @@ def create_app(config=None):
         name = lut_call(store.import_, request.get_data(), lut_name)
         return jsonify(status="ok", lut_name=name), 201
 
+    openai_api.register(app, svc)
     return app
 
 

@@ -5,8 +5,11 @@ from_pretrained path. The GPT-2 tokenizer comes from ../shared/tiktoken-cache wh
 """
 import json
 import os
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -19,6 +22,7 @@ if os.path.isdir(_shared_cache) and "TIKTOKEN_CACHE_DIR" not in os.environ:
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_shared_cache)
 
 import pytest  # noqa: E402
+import requests  # noqa: E402
 import torch  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257)
@@ -67,9 +71,47 @@ def tiny(hf_tiny):
     return model, get_tokenizer(model.tokenizer_spec)
 
 
-@pytest.fixture
-def cli_env():
+def script_env():
     """Environment for running the project's scripts as subprocesses."""
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT
     return env
+
+
+@pytest.fixture
+def cli_env():
+    return script_env()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, workdir, env):
+        self.workdir, self.env = workdir, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log = os.path.join(workdir, "server.log")  # a file, not a pipe: the access log never blocks it
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(self.port),
+                                      "--device", "cpu", "--model_type", "gpt2"], cwd=self.workdir, env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
+        for _ in range(300):
+            try:
+                if requests.get(self.url + "/health", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(open(self.log).read()[-2000:])
+        raise RuntimeError("server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+

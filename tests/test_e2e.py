@@ -9,40 +9,7 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, workdir, env):
-        self.workdir, self.env = workdir, env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-        self.log = os.path.join(workdir, "server.log")  # a file, not a pipe: the access log never blocks it
-
-    def start(self):
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(self.port),
-                                      "--device", "cpu", "--model_type", "gpt2"], cwd=self.workdir, env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
-        for _ in range(300):
-            try:
-                if requests.get(self.url + "/health", timeout=1).ok:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
-            if self.proc.poll() is not None:
-                raise RuntimeError(open(self.log).read()[-2000:])
-        raise RuntimeError("server did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+from conftest import ROOT, Server, free_port
 
 
 @pytest.fixture

@@ -1,0 +1,136 @@
+"""
+What the server's route modules (api_server.py, openai_api.py) share: the API error, request
+parsing that names the field at fault, sampling settings, usage counts, server-sent events and
+the chat transcript template.
+"""
+import time
+
+from flask import Response, request
+
+from generate import GenerationError, SamplingParams
+
+
+class APIError(Exception):
+    """Any failure a client should see: an HTTP status and a message naming the field or resource."""
+
+    def __init__(self, status, detail, headers=None, param=None, code=None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+        self.param, self.code = param, code  # the field at fault, a machine-readable reason (/v1 errors)
+
+
+def body():
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object (Content-Type: application/json)")
+    return data
+
+
+def field(data, name, kind, default=None, required=False):
+    """data[name] checked against kind (int, float, str, bool, list); missing -> default."""
+    if name not in data or data[name] is None:
+        if required:
+            raise APIError(400, f"{name} is required", param=name)
+        return default
+    value = data[name]
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), bool: lambda v: isinstance(v, bool),
+          list: lambda v: isinstance(v, list)}[kind](value)
+    if not ok:
+        what = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}[kind]
+        raise APIError(400, f"{name} must be {what}", param=name)
+    return float(value) if kind is float else value
+
+
+def sampling(data, length_field, default_length, defaults, **extra):
+    """The sampling fields of a request -> validated SamplingParams; extra: settings the route
+    has already read (OpenAI's penalties and logprobs)."""
+    stop = field(data, "stop", (str if isinstance(data.get("stop"), str) else list), [])
+    params = SamplingParams(
+        max_new_tokens=field(data, length_field, int, default_length),
+        temperature=field(data, "temperature", float, defaults["temperature"]),
+        top_k=field(data, "top_k", int, defaults["top_k"]),
+        top_p=field(data, "top_p", float, defaults["top_p"]),
+        repetition_penalty=field(data, "repetition_penalty", float, defaults["repetition_penalty"]),
+        do_sample=field(data, "do_sample", bool, defaults["do_sample"]),
+        seed=field(data, "seed", int, None),
+        stop=[stop] if isinstance(stop, str) else stop, **extra)
+    try:
+        params.validate()
+    except GenerationError as e:  # its message starts with the field's name
+        name, rest = str(e).split(" ", 1)
+        name = length_field if name == "max_new_tokens" else name
+        raise APIError(400, f"{name} {rest}", param=name) from None
+    return params
+
+
+def usage(n_prompt, seqs):
+    n_out = sum(len(s.out_ids) for s in seqs)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
+def sse(events, *jobs):
+    """A text/event-stream response from an iterator of already framed events. If the client goes
+    away, the server closes the iterator; the finally clause then stops the generations."""
+    def body():
+        try:
+            yield from events
+        finally:
+            for job in jobs:
+                job.cancel()
+    return Response(body(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def live_deltas(job, timeout):
+    """job's text as it is generated, and "" after 5 s of silence (a streaming route writes a
+    keep-alive then, which keeps proxies open and finds out whether its client is still there).
+    Past timeout seconds the job is cancelled and TimeoutError raised."""
+    deadline = time.time() + timeout
+    for delta in job.deltas(heartbeat=5):
+        yield delta
+        if time.time() > deadline:
+            job.cancel()
+            raise TimeoutError("generation took longer than the time limit")
+
+
+def sse_text(text):
+    """One SSE event carrying raw text (seed 002); a newline inside becomes a second data line,
+    which SSE clients join back with a newline."""
+    return "".join(f"data: {line}\n" for line in text.split("\n")) + "\n"
+
+
+def text_events(job, timeout):
+    """Seed 002 streaming: the text as it is generated, then data: [DONE]."""
+    try:
+        for delta in live_deltas(job, timeout):
+            yield sse_text(delta) if delta else ": keep-alive\n\n"
+    except (TimeoutError, RuntimeError) as e:  # RuntimeError: the engine failed this request
+        yield f"event: error\ndata: {e}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+
+
+def chat_prompt(messages):
+    """A chat as a plain transcript that a base GPT-2 continues (see README):
+    'System: ...\nUser: ...\nAssistant:'; generation stops where the next turn would begin.
+    content is a string or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    lines = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(content, str):
+            raise APIError(400, f"messages[{i}] must be an object with role (system, user or assistant) and "
+                                f"content (a string or a list of text parts)", param=f"messages[{i}]")
+        lines.append(f"{CHAT_ROLES[m['role']]}: {content.strip()}")
+    return "\n".join(lines) + "\nAssistant:"
+
+
+CHAT_STOP = ["\nUser:", "\nSystem:", "\nAssistant:"]
