@@ -9,6 +9,8 @@ Command-line client for api_server.py.
     python api_client.py train --dataset shakesphere --output_dir out/shakespeare_model --model_type gpt2
     python api_client.py train-status 1 --wait
     python api_client.py luts list | show NAME | delete NAME [--label_id N] | export NAME FILE | import NAME FILE
+    python api_client.py keys create --name acme --luts "acme-*" | keys list | keys revoke ID
+    python api_client.py --api_key sk-gpt2-... --app_id my-app usage [--history]
 """
 import argparse
 import json
@@ -21,7 +23,10 @@ import requests
 
 def call(args, method, path, **kwargs):
     try:
-        r = requests.request(method, args.url.rstrip("/") + path, timeout=args.timeout, **kwargs)
+        headers = {**kwargs.pop("headers", {}), "X-App-ID": args.app_id}
+        if args.api_key:
+            headers["Authorization"] = f"Bearer {args.api_key}"
+        r = requests.request(method, args.url.rstrip("/") + path, timeout=args.timeout, headers=headers, **kwargs)
     except requests.ConnectionError:
         sys.exit(f"error: cannot reach the server at {args.url} (is api_server.py running? set --url or API_URL)")
     except requests.Timeout:
@@ -72,6 +77,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=os.environ.get("API_URL", "http://localhost:5000"),
                    help="server address (default: $API_URL or http://localhost:5000)")
+    p.add_argument("--api_key", default=os.environ.get("GPT_API_KEY"),
+                   help="API key, sent as Authorization: Bearer (default: $GPT_API_KEY; none needed until keys exist)")
+    p.add_argument("--app_id", default=os.environ.get("GPT_APP_ID", "api_client"),
+                   help="X-App-ID to record the requests under (default: $GPT_APP_ID or api_client)")
     p.add_argument("--json", action="store_true", help="print the raw JSON response")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for an answer")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -120,6 +129,21 @@ def main(argv=None):
         a = lsub.add_parser(action, help=helptext)
         a.add_argument("name", help="LUT name")
         a.add_argument("file", help="a .safetensors LUT file")
+    keys = sub.add_parser("keys", help="manage API keys (admin)")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create", help="create a key; it is printed only this once")
+    kc.add_argument("--name", required=True, help="who or what the key is for")
+    kc.add_argument("--admin", action="store_true", help="may manage models, training, keys and every LUT")
+    kc.add_argument("--luts", default="", help="comma-separated LUT names it may use; 'acme-*' = any with that prefix")
+    kc.add_argument("--rate_per_minute", type=int, default=None, help="its rate limit (default: the server's)")
+    kc.add_argument("--burst", type=int, default=None, help="requests it may make at once (default: the server's)")
+    ksub.add_parser("list", help="list keys (never the keys themselves)")
+    kr = ksub.add_parser("revoke", help="revoke a key")
+    kr.add_argument("key_id", type=int, help="the key's id (from keys list)")
+    us = sub.add_parser("usage", help="requests and tokens per app and per key (a tenant key sees its own)")
+    us.add_argument("--history", action="store_true", help="list the latest queries instead")
+    us.add_argument("--limit", type=int, default=20, help="how many queries --history lists")
+    us.add_argument("--filter_app", default=None, help="only this X-App-ID's queries (with --history)")
     args = p.parse_args(argv)
 
     if args.cmd == "status":
@@ -163,6 +187,28 @@ def main(argv=None):
             sys.exit(1)
     elif args.cmd == "train-cancel":
         show(args, call(args, "POST", f"/api/train/{args.job_id}/cancel"), job_line)
+    elif args.cmd == "keys" and args.action == "create":
+        payload = {"name": args.name, "admin": args.admin, "luts": [x.strip() for x in args.luts.split(",") if x.strip()],
+                   "rate_per_minute": args.rate_per_minute, "burst": args.burst}
+        show(args, call(args, "POST", "/keys", json={k: v for k, v in payload.items() if v is not None}),
+             lambda d: f"created key {d['id']} ({d['name']}); it is shown only now:\n{d['key']}")
+    elif args.cmd == "keys" and args.action == "list":
+        show(args, call(args, "GET", "/keys"), lambda d: "\n".join(
+            f"{k['id']} {k['name']} {k['prefix']}... {'admin' if k['admin'] else 'luts: ' + ','.join(k['luts'])}"
+            + (" (revoked)" if k["revoked"] else "") for k in d["keys"]) or "no keys: access control is off")
+    elif args.cmd == "keys":
+        show(args, call(args, "DELETE", f"/keys/{args.key_id}"), lambda d: f"revoked key {d['id']} ({d['name']})")
+    elif args.cmd == "usage" and args.history:
+        params = {"limit": args.limit, **({"app_id": args.filter_app} if args.filter_app else {})}
+        show(args, call(args, "GET", "/usage/history", params=params), lambda d: "\n".join(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(q['time']))} {q['app_id']} key={q['key_id']} "
+            f"{q['method']} {q['route']} {q['status']} {q['prompt_tokens']}+{q['completion_tokens']} tokens "
+            f"{q['latency_ms']:.0f} ms" for q in d["queries"]) or "no queries recorded")
+    elif args.cmd == "usage":
+        show(args, call(args, "GET", "/usage"), lambda d: "\n".join(
+            f"{'app ' + str(r['app_id']) if 'app_id' in r else 'key ' + str(r['key_id'])}: {r['requests']} requests, "
+            f"{r['prompt_tokens']}+{r['completion_tokens']} tokens, {r['errors']} errors"
+            for r in d["by_app"] + d["by_key"]) or "no queries recorded")
     elif args.action == "list":
         show(args, call(args, "GET", "/luts"), lambda d: "\n".join(
             f"{x['name']}: {x['labels']} labels, {x['entries']} entries" for x in d["luts"]) or "no LUTs")

@@ -13,10 +13,11 @@ import os
 import threading
 import time
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 import openai_api
+from access import Access, AccessError
 from api_common import APIError, CHAT_STOP, body, chat_prompt, field, sampling, sse, text_events, usage
 from engine import Engine, QueueFull
 from generate import GenerationError
@@ -42,7 +43,13 @@ DEFAULTS = dict(
     max_batch_prompts=32,  # /generate/batch
     max_body_bytes=1 << 20,  # larger bodies get 413 (LUT imports may be up to 64x this)
     request_timeout=300,  # seconds a generation may take
+    rate_limit_per_minute=60,  # per API key (once keys exist), unless the key sets its own
+    rate_limit_burst=10,
+    public_models=None,  # JSON file: what GET /public/models says of each model (pricing, ...)
 )
+PUBLIC_PATHS = ("/health", "/public/models", "/openapi.json", "/docs")  # open even with API keys
+ADMIN_ENDPOINTS = {"load_model_route", "models_load", "models_unload", "models_start", "models_stop", "api_train",
+                   "api_train_cancel", "create_key", "list_keys", "revoke_key"}
 # /generate, /chat, /generate/batch defaults: seed 002's. A taught label is still recalled exactly
 # (seed 000 sends only prompt, length, lut_name): LUT-matched positions decode greedily.
 GENERATE_DEFAULTS = dict(temperature=0.7, top_k=80, top_p=0.9, repetition_penalty=1.15, do_sample=True)
@@ -103,6 +110,7 @@ class Service:
         self.slot = ModelSlot(cfg)
         self.store = LUTStore(cfg["lut_db"])
         self.trainer = Trainer(cfg["state_db"], cfg["max_train_jobs"])
+        self.access = Access(cfg["state_db"], cfg["rate_limit_per_minute"], cfg["rate_limit_burst"])
         self.started = time.time()
 
     # ---- models by id: GPT-2 types (and seed 003's "gpt-2"), and trained models under models_dir
@@ -123,6 +131,10 @@ class Service:
         if entry is None:
             raise APIError(404, f"unknown model_id {model_id!r}; GET /models lists them")
         if self.slot.name != entry[1]:
+            key = g.get("key") if has_request_context() else None
+            if key is not None and not key.admin:
+                raise APIError(403, f"model {model_id!r} is not running, and only an admin API key may start it",
+                               param="model")
             try:
                 self.slot.load(*entry)
             except ModelLoadError as e:
@@ -163,11 +175,14 @@ class Service:
                                 f"exceed the model's context of {limit} tokens", param="prompt",
                            code="context_length_exceeded")
         try:
-            return engine.submit(ids, params, lut), len(ids)
+            job = engine.submit(ids, params, lut)
         except QueueFull as e:
             raise APIError(503, str(e), {"Retry-After": "1"}) from None
         except GenerationError as e:
             raise APIError(400, str(e)) from None
+        if has_request_context():
+            g.jobs.append((job, len(ids)))  # for the query history
+        return job, len(ids)
 
     def wait(self, job):
         try:
@@ -197,7 +212,7 @@ def create_app(config=None):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = cfg["max_body_bytes"] * 64  # per-route limits below
     svc = Service(cfg)
-    slot, store, trainer, models_dir = svc.slot, svc.store, svc.trainer, svc.models_dir
+    slot, store, trainer, access, models_dir = svc.slot, svc.store, svc.trainer, svc.access, svc.models_dir
     app.extensions["gpt"] = svc
 
     try:
@@ -215,6 +230,8 @@ def create_app(config=None):
     def error(e):
         if isinstance(e, APIError):
             status, message, headers, param, code = e.status, e.detail, e.headers, e.param, e.code
+        elif isinstance(e, (AccessError, JobError, LUTError)):  # each knows its status
+            status, message, headers, param, code = e.status, str(e), getattr(e, "headers", {}), None, None
         elif isinstance(e, HTTPException):
             reason = {413: "request body too large", 404: "no such route", 405: "method not allowed"}.get(e.code, e.name)
             status, message, headers, param, code = e.code, f"{reason}: {request.method} {request.path}", {}, None, None
@@ -225,15 +242,58 @@ def create_app(config=None):
             return jsonify(detail=message), status, headers
         if code == "context_length_exceeded":
             status = 400  # what OpenAI answers, and what its clients expect
+        code = code or {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
         kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                 429: "rate_limit_error"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
         return jsonify(error={"message": message, "type": kind, "param": param, "code": code}), status, headers
 
-    def small_body():
-        if (request.content_length or 0) > cfg["max_body_bytes"]:
-            raise APIError(413, f"request body larger than {cfg['max_body_bytes']} bytes")
+    # ---- every request: body size, API key, rate limit, admin routes, LUT ownership; then history
 
-    app.before_request(lambda: small_body() if not request.path.endswith("/import") else None)
+    @app.before_request
+    def check_request():
+        g.started, g.jobs, g.key = time.time(), [], None
+        if (request.content_length or 0) > cfg["max_body_bytes"] and not request.path.endswith("/import"):
+            raise APIError(413, f"request body larger than {cfg['max_body_bytes']} bytes")
+        if request.path.startswith(PUBLIC_PATHS):
+            return
+        g.key = access.authenticate(request.headers.get("Authorization"))
+        if g.key is None:  # no keys exist yet: open
+            return
+        access.check_rate(g.key)
+        if request.endpoint in ADMIN_ENDPOINTS and not g.key.admin:
+            raise APIError(403, f"{request.method} {request.path} needs an admin API key")
+        lut_name = requested_lut()
+        if isinstance(lut_name, str) and not g.key.may_use(lut_name):
+            raise APIError(403, f"this API key may not use LUT {lut_name!r}", param="lut_name")
+
+    def requested_lut():
+        """The LUT a request names, in its path or its JSON body (every LUT route does one or the other)."""
+        data = request.get_json(silent=True) if request.is_json else None
+        return (request.view_args or {}).get("lut_name") or (data.get("lut_name") if isinstance(data, dict) else None)
+
+    @app.after_request
+    def record_query(response):
+        if request.path.startswith(PUBLIC_PATHS) or "started" not in g:
+            return response
+        jobs, started, key = g.jobs, g.started, g.key
+        lut_name = requested_lut()
+        row = dict(app_id=request.headers.get("X-App-ID") or "Unknown", key_id=key.id if key else None,
+                   method=request.method, route=request.path, model=slot.name,
+                   lut_name=lut_name if isinstance(lut_name, str) else None, status=response.status_code)
+
+        def save():
+            try:
+                access.record(**row, prompt_tokens=sum(n for _, n in jobs),
+                              completion_tokens=sum(len(job.seq.out_ids) for job, _ in jobs),
+                              latency_ms=(time.time() - started) * 1000)
+            except Exception:  # the answer matters more than its record
+                log.exception("could not record the query")
+
+        if response.is_streamed:  # a stream is recorded once its last byte is out (or its client left)
+            response.response = recorded(response.response, save)
+        else:
+            save()
+        return response
 
     # ---- seed 000 (LUTs), 002 and 003: one /generate for all three (README: "One /generate")
 
@@ -251,10 +311,7 @@ def create_app(config=None):
         context = field(data, "label_context", str)
         lut_name = field(data, "lut_name", str, required=True)
         model, tok, _ = slot.get()
-        try:
-            store.teach(model, tok, lut_name, label, context)
-        except LUTError as e:
-            raise APIError(e.status, str(e)) from None
+        store.teach(model, tok, lut_name, label, context)
         return jsonify(status="ok", lut_name=lut_name)
 
     def generation_request(data):
@@ -447,17 +504,11 @@ def create_app(config=None):
 
     # ---- training jobs (seed 001's /api/train)
 
-    def job_call(fn, *args):
-        try:
-            return fn(*args)
-        except JobError as e:
-            raise APIError(e.status, str(e)) from None
-
     @app.post("/api/train")
     def api_train():
         data = body()
         settings, echo = train_settings(data, models_dir, cfg["data_dir"])
-        job = job_call(trainer.start, settings, data["output_dir"], settings["out_dir"], echo)
+        job = trainer.start(settings, data["output_dir"], settings["out_dir"], echo)
         log.info("training job %s started: pid %s, %s", job["job_id"], job["process_id"], settings["out_dir"])
         return jsonify(message="Training started", config=echo, config_path=job["config_path"],
                        process_id=job["process_id"], job_id=job["job_id"])
@@ -468,51 +519,111 @@ def create_app(config=None):
 
     @app.get("/api/train/<int:job_id>")
     def api_train_job(job_id):
-        return jsonify(job_call(trainer.get, job_id))
+        return jsonify(trainer.get(job_id))
 
     @app.post("/api/train/<int:job_id>/cancel")
     def api_train_cancel(job_id):
-        return jsonify(job_call(trainer.cancel, job_id))
+        return jsonify(trainer.cancel(job_id))
 
     # ---- LUT management
 
-    def lut_call(fn, *args):
-        try:
-            return fn(*args)
-        except LUTError as e:
-            raise APIError(e.status, str(e)) from None
-
     @app.get("/luts")
-    def list_luts():
-        return jsonify(luts=store.list())
+    def list_luts():  # a tenant's key sees its own LUTs only
+        return jsonify(luts=[x for x in store.list() if g.key is None or g.key.may_use(x["name"])])
 
     @app.get("/luts/<lut_name>")
     def show_lut(lut_name):
-        return jsonify(lut_call(store.show, lut_name))
+        return jsonify(store.show(lut_name))
 
     @app.delete("/luts/<lut_name>")
     def delete_lut(lut_name):
-        lut_call(store.delete, lut_name)
+        store.delete(lut_name)
         return jsonify(status="ok", lut_name=lut_name)
 
     @app.delete("/luts/<lut_name>/labels/<int:label_id>")
     def delete_label(lut_name, label_id):
-        lut_call(store.delete_label, lut_name, label_id)
+        store.delete_label(lut_name, label_id)
         return jsonify(status="ok", lut_name=lut_name, label_id=label_id)
 
     @app.get("/luts/<lut_name>/export")
     def export_lut(lut_name):
-        data = lut_call(store.export, lut_name)
+        data = store.export(lut_name)
         return Response(data, mimetype="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{lut_name}.safetensors"'})
 
     @app.post("/luts/<lut_name>/import")
     def import_lut(lut_name):
-        name = lut_call(store.import_, request.get_data(), lut_name)
+        name = store.import_(request.get_data(), lut_name)
         return jsonify(status="ok", lut_name=name), 201
 
+    # ---- API keys, usage (seed 004)
+
+    @app.post("/keys")
+    def create_key():
+        data = body()
+        secret, record = access.create_key(field(data, "name", str, required=True), field(data, "admin", bool, False),
+                                           field(data, "luts", list, []), field(data, "rate_per_minute", int),
+                                           field(data, "burst", int))
+        log.info("API key %s (%s) created", record["id"], record["name"])
+        return jsonify(key=secret, **record), 201
+
+    @app.get("/keys")
+    def list_keys():
+        return jsonify(keys=access.list_keys())
+
+    @app.delete("/keys/<int:key_id>")
+    def revoke_key(key_id):
+        return jsonify(access.revoke_key(key_id))
+
+    @app.get("/usage")
+    def usage_summary():  # an admin sees everyone's; a tenant its own key's
+        return jsonify(access.usage(key_id=None if g.key is None or g.key.admin else g.key.id))
+
+    @app.get("/usage/history")
+    def usage_history():
+        limit = request.args.get("limit", "100")
+        if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+            raise APIError(400, "limit must be an integer in [1, 10000]", param="limit")
+        own = None if g.key is None or g.key.admin else g.key.id
+        return jsonify(queries=access.history(own, request.args.get("app_id"), int(limit)))
+
+    @app.get("/public/models")
+    def public_models():
+        started = time.time()
+        models = [{"id": mid, "provider": "openai" if init in PRETRAINED else "local", "created": int(svc.started),
+                   "object": "model", "owned_by": "openai-community" if init in PRETRAINED else "local",
+                   "capabilities": ["text-completion", "chat-completion"],
+                   "pricing": {"input": 0.0, "output": 0.0, "unit": "token", "currency": "USD"},
+                   **overrides.get("*", {}), **overrides.get(mid, {})}
+                  for mid, (init, _) in svc.registry().items() if overrides.get(mid, {}).get("listed", True)]
+        return jsonify(status="success", data={"models": models},
+                       meta={"processing_time": round(time.time() - started, 4)})
+
+    overrides = read_public_models(cfg["public_models"])  # at start-up: a bad file stops the server here
     openai_api.register(app, svc)
     return app
+
+
+def recorded(chunks, save):
+    """A streamed body that calls save() when it ends, however it ends."""
+    try:
+        yield from chunks
+    finally:
+        save()
+
+
+def read_public_models(path):
+    """{model id or "*": fields to show or override in /public/models ("listed": false hides one)}."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"public_models file {path}: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"public_models file {path} must map model ids (or \"*\") to objects")
+    return data
 
 
 def inside(path, root, name):
@@ -591,9 +702,17 @@ def main(argv=None):
     p.add_argument("--state_db", default="out/server.sqlite", help="SQLite file recording training jobs")
     p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max_queue", type=int, default=64, help="waiting requests before 503")
+    p.add_argument("--request_timeout", type=int, default=300, help="seconds a generation may take before 504")
+    p.add_argument("--rate_limit_per_minute", type=int, default=60, help="requests per minute per API key")
+    p.add_argument("--rate_limit_burst", type=int, default=10, help="requests an API key may make at once")
+    p.add_argument("--public_models", default=None, help="JSON file of what GET /public/models shows per model "
+                   "(pricing, capabilities, ...; see README)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app({k: v for k, v in vars(args).items() if k not in ("host", "port")})
+    try:
+        app = create_app({k: v for k, v in vars(args).items() if k not in ("host", "port")})
+    except ValueError as e:  # a bad setting, e.g. the public_models file
+        raise SystemExit(f"error: {e}")
     app.run(host=args.host, port=args.port, threaded=True)
 
 

@@ -1,0 +1,260 @@
+"""
+API keys, per-key rate limits and the query history (seed 004), kept in the server's state
+SQLite file next to the training jobs.
+
+Access control is off while no key exists (anyone may call, like seed 000's alpha) and on from
+the first key: then every route but /health, /public/models and the docs needs
+`Authorization: Bearer <key>`. A key is shown once, stored only as its SHA-256 (keys are 256
+random bits, so a fast hash suffices) and compared in constant time. A key may use the LUTs it
+is bound to (exact names, or prefixes ending in '*'); admin keys may use every LUT and alone may
+load models, start training and manage keys.
+
+Keys from the shell, on the server's machine (also the way to make the first admin key):
+
+    python access.py create --name admin --admin
+    python access.py create --name acme --luts "acme-*" --rate_per_minute 120
+    python access.py list
+    python access.py revoke 2
+"""
+import argparse
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+from contextlib import closing
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,   -- sha256 of the key; the key itself is never stored
+    prefix TEXT NOT NULL,            -- its first characters, to tell keys apart in listings
+    admin INTEGER NOT NULL DEFAULT 0,
+    luts TEXT NOT NULL DEFAULT '[]', -- JSON list of LUT names, or prefixes ending in '*'
+    rate_per_minute INTEGER,         -- NULL: the server's default
+    burst INTEGER,                   -- NULL: the server's default
+    created REAL NOT NULL,
+    revoked REAL
+);
+CREATE TABLE IF NOT EXISTS query_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    app_id TEXT NOT NULL,            -- X-App-ID, "Unknown" when absent
+    key_id INTEGER,                  -- NULL while access control is off
+    method TEXT NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT,
+    lut_name TEXT,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    status INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS query_history_app ON query_history(app_id);
+CREATE INDEX IF NOT EXISTS query_history_key ON query_history(key_id);
+"""
+KEY_PREFIX = "sk-gpt2-"
+LUT_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}\*?$")
+
+
+class AccessError(Exception):
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+@dataclass
+class Key:
+    id: int
+    name: str
+    admin: bool
+    luts: list
+    rate_per_minute: int
+    burst: int
+
+    def may_use(self, lut_name):
+        return self.admin or any(lut_name == p or (p.endswith("*") and lut_name.startswith(p[:-1]))
+                                 for p in self.luts)
+
+
+def hash_key(secret):
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Access:
+
+    def __init__(self, db_path, rate_per_minute=60, burst=10):
+        self.db_path, self.rate_per_minute, self.burst = db_path, rate_per_minute, burst
+        self._buckets = {}  # key id -> (tokens, time): the rate limit of this process
+        self._lock = threading.Lock()
+        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    def _db(self):
+        """A short-lived autocommit connection (one statement each): nothing crosses a fork."""
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        return closing(conn)
+
+    # ---- keys
+
+    def create_key(self, name, admin=False, luts=(), rate_per_minute=None, burst=None):
+        """Returns (the key, its record): the only time the key is seen."""
+        if not isinstance(name, str) or not 1 <= len(name) <= 128:
+            raise AccessError(400, "name must be a string of 1-128 characters")
+        if not isinstance(admin, bool):
+            raise AccessError(400, "admin must be true or false")
+        if not isinstance(luts, (list, tuple)) or not all(isinstance(p, str) and LUT_PATTERN.match(p) for p in luts):
+            raise AccessError(400, "luts must be a list of LUT names (letters, digits, _.:@-), each optionally "
+                                   "ending in '*' to allow every LUT with that prefix")
+        for field, value in (("rate_per_minute", rate_per_minute), ("burst", burst)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise AccessError(400, f"{field} must be an integer >= 1")
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self._db() as db:
+            cur = db.execute("INSERT INTO api_keys (name, key_hash, prefix, admin, luts, rate_per_minute, burst, "
+                             "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (name, hash_key(secret), secret[:len(KEY_PREFIX) + 4], int(admin), json.dumps(list(luts)),
+                              rate_per_minute, burst, time.time()))
+        return secret, self.get_key(cur.lastrowid)
+
+    def get_key(self, key_id):
+        with self._db() as db:
+            row = db.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise AccessError(404, f"no API key with id {key_id}")
+        return describe(row)
+
+    def list_keys(self):
+        with self._db() as db:
+            return [describe(r) for r in db.execute("SELECT * FROM api_keys ORDER BY id")]
+
+    def revoke_key(self, key_id):
+        with self._db() as db:
+            changed = db.execute("UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                                 (time.time(), key_id)).rowcount
+        record = self.get_key(key_id)  # 404 if there is no such key
+        if not changed:
+            raise AccessError(409, f"API key {key_id} is already revoked")
+        return record
+
+    def enabled(self):
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1").fetchone() is not None
+
+    # ---- requests
+
+    def authenticate(self, authorization):
+        """The Authorization header -> the caller's Key, or None while access control is off."""
+        scheme, _, secret = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            if not self.enabled():
+                return None
+            raise AccessError(401, "an API key is required: send Authorization: Bearer <key>",
+                              {"WWW-Authenticate": "Bearer"})
+        digest = hash_key(secret.strip())
+        with self._db() as db:
+            row = db.execute("SELECT * FROM api_keys WHERE key_hash = ? AND revoked IS NULL", (digest,)).fetchone()
+        if row is None or not hmac.compare_digest(row["key_hash"], digest):
+            if not self.enabled():
+                return None  # no keys yet: any (or no) key is accepted
+            raise AccessError(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+        return Key(row["id"], row["name"], bool(row["admin"]), json.loads(row["luts"]),
+                   row["rate_per_minute"] or self.rate_per_minute, row["burst"] or self.burst)
+
+    def check_rate(self, key):
+        """Token bucket per key: `burst` requests at once, refilled at rate_per_minute."""
+        rate = key.rate_per_minute / 60.0
+        with self._lock:
+            now = time.monotonic()
+            tokens, last = self._buckets.get(key.id, (key.burst, now))
+            tokens = min(key.burst, tokens + (now - last) * rate)
+            if tokens < 1:
+                self._buckets[key.id] = (tokens, now)
+                wait = math.ceil((1 - tokens) / rate)
+                raise AccessError(429, f"rate limit of {key.rate_per_minute} requests per minute (burst {key.burst}) "
+                                       f"reached; retry in {wait} s", {"Retry-After": str(wait)})
+            self._buckets[key.id] = (tokens - 1, now)
+
+    def record(self, app_id, key_id, method, route, model, lut_name, prompt_tokens, completion_tokens,
+               latency_ms, status):
+        with self._db() as db:
+            db.execute("INSERT INTO query_history (time, app_id, key_id, method, route, model, lut_name, "
+                       "prompt_tokens, completion_tokens, latency_ms, status) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       (time.time(), app_id, key_id, method, route, model, lut_name, prompt_tokens,
+                        completion_tokens, round(latency_ms, 2), status))
+
+    def history(self, key_id=None, app_id=None, limit=100):
+        """The latest queries, newest first; key_id/app_id narrow them down."""
+        where, args = query_filter(key_id, app_id)
+        with self._db() as db:
+            rows = db.execute(f"SELECT * FROM query_history {where} ORDER BY id DESC LIMIT ?", (*args, limit))
+            return [dict(r) for r in rows]
+
+    def usage(self, key_id=None):
+        """Totals per app and per key (all of them, or one key's)."""
+        where, args = query_filter(key_id, None)
+        totals = ("COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
+                  "SUM(completion_tokens) AS completion_tokens, SUM(status >= 400) AS errors, "
+                  "ROUND(AVG(latency_ms), 2) AS mean_latency_ms")
+        with self._db() as db:
+            by_app = db.execute(f"SELECT app_id, {totals} FROM query_history {where} GROUP BY app_id "
+                                f"ORDER BY app_id", args)
+            by_app = [dict(r) for r in by_app]
+            by_key = db.execute(f"SELECT key_id, {totals} FROM query_history {where} GROUP BY key_id "
+                                f"ORDER BY key_id", args)
+            return {"by_app": by_app, "by_key": [dict(r) for r in by_key]}
+
+
+def query_filter(key_id, app_id):
+    clauses = [(c, v) for c, v in (("key_id = ?", key_id), ("app_id = ?", app_id)) if v is not None]
+    return ("WHERE " + " AND ".join(c for c, _ in clauses) if clauses else ""), tuple(v for _, v in clauses)
+
+
+def describe(row):
+    return {"id": row["id"], "name": row["name"], "prefix": row["prefix"], "admin": bool(row["admin"]),
+            "luts": json.loads(row["luts"]), "rate_per_minute": row["rate_per_minute"], "burst": row["burst"],
+            "created": row["created"], "revoked": row["revoked"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state_db", default=os.environ.get("GPT_STATE_DB", "out/server.sqlite"),
+                   help="the server's state SQLite file (default: $GPT_STATE_DB or out/server.sqlite)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    create = sub.add_parser("create", help="create a key and print it (shown only this once)")
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument("--admin", action="store_true", help="may manage models, training, keys and every LUT")
+    create.add_argument("--luts", default="", help="comma-separated LUT names it may use; 'acme-*' = any with that prefix")
+    create.add_argument("--rate_per_minute", type=int, default=None, help="its rate limit (default: the server's)")
+    create.add_argument("--burst", type=int, default=None, help="requests it may make at once (default: the server's)")
+    sub.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = sub.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id", type=int, help="the key's id (from list)")
+    args = p.parse_args(argv)
+    access = Access(args.state_db)
+    try:
+        if args.cmd == "create":
+            luts = [x.strip() for x in args.luts.split(",") if x.strip()]
+            secret, record = access.create_key(args.name, args.admin, luts, args.rate_per_minute, args.burst)
+            print(f"created key {record['id']} ({record['name']}); it is shown only now:\n{secret}")
+        elif args.cmd == "list":
+            print(json.dumps(access.list_keys(), indent=2))
+        else:
+            print(json.dumps(access.revoke_key(args.key_id), indent=2))
+    except AccessError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
