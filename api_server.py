@@ -15,8 +15,10 @@ import time
 
 from flask import Flask, Response, g, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 import openai_api
+import openapi
 from access import Access, AccessError
 from api_common import APIError, CHAT_STOP, body, chat_prompt, field, sampling, sse, text_events, usage
 from engine import Engine, QueueFull
@@ -209,7 +211,8 @@ def create_app(config=None):
                 cfg[key] = type(value)(env) if isinstance(value, int) else (env or None)
     else:
         cfg.update(config)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
+    app.url_map.converters["int"] = SQLiteInt  # before any route: ids in paths fit SQLite
     app.config["MAX_CONTENT_LENGTH"] = cfg["max_body_bytes"] * 64  # per-route limits below
     svc = Service(cfg)
     slot, store, trainer, access, models_dir = svc.slot, svc.store, svc.trainer, svc.access, svc.models_dir
@@ -601,7 +604,16 @@ def create_app(config=None):
 
     overrides = read_public_models(cfg["public_models"])  # at start-up: a bad file stops the server here
     openai_api.register(app, svc)
+    openapi.register(app, "GPT-2 LUT server", "1.0")  # last: it documents every route registered before it
     return app
+
+
+class SQLiteInt(IntegerConverter):
+    """<int:...> path ids as SQLite can hold them (up to 2**63 - 1); larger ones are a 404."""
+
+    def __init__(self, url_map, *args, **kwargs):
+        kwargs.setdefault("max", 2**63 - 1)
+        super().__init__(url_map, *args, **kwargs)
 
 
 def recorded(chunks, save):
