@@ -176,22 +176,35 @@ def sample_next(logits, seqs, forced=None):
             continue
         if s.params.greedy:
             continue
-        row = logits[b] / s.params.temperature
-        k = s.params.top_k
-        if 0 < k < row.numel():
-            kth = torch.topk(row, k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if s.params.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-            sorted_logits, order = torch.sort(row, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= s.params.top_p  # mass before this token suffices
-            row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        probs = row.softmax(-1)
-        # Exponential race (argmax p_i / E_i, E_i ~ Exp(1)) is a draw from probs; each row has its
-        # own generator, so a seeded sequence samples the same tokens alone or in any batch.
-        noise = torch.empty(probs.numel()).exponential_(generator=s.generator).to(device)
-        out[b] = int((probs / noise).argmax())
+        out[b] = sample_row(logits[b], s.params, s.generator)
     return out
+
+
+def sample_row(logits, params, generator):
+    """One token id drawn from (V,) logits under temperature, top_k, then top_p. Only the
+    candidates that survive are sorted and drawn from (one uniform number by inverse CDF), so a
+    step costs little more than greedy; each sequence has its own generator, so a seeded one
+    samples the same tokens alone or in any batch."""
+    scaled = logits / params.temperature
+    ids = None  # candidate token ids, most likely first; None = the whole vocabulary in order
+    if 0 < params.top_k < scaled.numel():
+        top, ids = torch.topk(scaled, params.top_k)
+        probs = top.softmax(-1)
+    elif params.top_p < 1.0:  # the nucleus usually lies in the top 1024; sort everything only if not
+        top, ids = torch.topk(scaled, min(1024, scaled.numel()))
+        probs = (top - scaled.logsumexp(-1)).exp()
+        if probs.sum() < params.top_p:
+            top, ids = torch.sort(scaled, descending=True)
+            probs = top.softmax(-1)
+    else:
+        probs = scaled.softmax(-1)
+    if params.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
+        keep = int((probs.cumsum(-1) - probs < params.top_p).sum())
+        probs, ids = probs[:keep], ids[:keep]
+    cdf = probs.cumsum(-1).cpu()
+    u = torch.rand(1, generator=generator) * cdf[-1]
+    j = min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+    return j if ids is None else int(ids[j])
 
 
 class Batcher:

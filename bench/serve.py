@@ -1,12 +1,14 @@
 """
 Serving throughput: a live api_server.py with a GPT-2 124M-shape checkpoint (random weights),
 1 and 8 concurrent clients on loopback, 64 new tokens per request; against transformers'
-generate() at batch 8 in the same run. Also the server's peak RSS.
+generate() at batch 8 in the same run. Also the time to first token of a streamed 64-token
+/v1/completions at 1 and 8 clients, and the server's peak RSS.
 
     python bench/serve.py                 # ~3 minutes on 2 cores
     python bench/serve.py --requests 8    # quicker
 """
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -64,6 +66,24 @@ def load(url, clients, n_requests, new_tokens):
             "p50": statistics.median(lat), "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
+def time_to_first_token(url, model_id, clients, n_requests, new_tokens):
+    """p50 seconds from sending a streaming /v1/completions to its first text chunk."""
+    def one(i):
+        t0 = time.perf_counter()
+        first = None
+        with requests.post(url + "/v1/completions", stream=True, json={
+                "model": model_id, "prompt": f"Request {i}: the history of the city begins", "max_tokens": new_tokens,
+                "stream": True, "seed": i}) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if first is None and line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+        return first
+
+    with ThreadPoolExecutor(clients) as pool:
+        return statistics.median(t for t in pool.map(one, range(n_requests)) if t is not None)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=24, help="requests per measurement")
@@ -79,6 +99,7 @@ def main():
         load(url, 2, 2, 8)  # warm-up
         one = load(url, 1, max(4, args.requests // 3), args.new_tokens)
         eight = load(url, 8, args.requests, args.new_tokens)
+        ttft = {n: time_to_first_token(url, "random124m", n, max(n, args.requests // 3), args.new_tokens) for n in (1, 8)}
         rss = int(open(f"/proc/{proc.pid}/status").read().split("VmHWM:")[1].split()[0]) / 1024
     finally:
         proc.terminate()
@@ -95,6 +116,8 @@ def main():
     print(f"8-client / 1-client throughput: {eight['tok_s'] / one['tok_s']:.2f}x (target >= 2.5x)")
     print(f"8-client tok/s vs transformers generate() at batch 8 ({hf_tok_s:.1f} tok/s): "
           f"{eight['tok_s'] / hf_tok_s:.2f}x (target >= 1.5x)")
+    print(f"time to first token, streamed /v1/completions of {args.new_tokens} tokens: p50 {ttft[1] * 1000:.0f} ms "
+          f"at 1 client, {ttft[8] * 1000:.0f} ms at 8 clients")
     print(f"server peak RSS with 124M fp32 loaded: {rss:.0f} MB (target <= 1536 MB)")
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from generate import Batcher, GenerationError, SamplingParams, Sequence, generate, sample_next, stream
+from generate import Batcher, GenerationError, SamplingParams, Sequence, generate, sample_next, sample_row, stream
 from tokenizer import TextStream
 
 PROMPTS = ["Hello world, this is", "A", "The quick brown fox jumps over the lazy dog and then"]
@@ -110,6 +110,20 @@ def test_logprobs_are_the_models_own_distribution(tiny):
         assert abs(alternatives[0][1] - float(expected[i].max())) < 1e-4
     assert generate(model, tok, ["Hello"], SamplingParams(max_new_tokens=2))[0].logprobs == []
 
+
+
+@pytest.mark.parametrize("settings,expected", [
+    (dict(temperature=1.0), [0.6439, 0.2369, 0.0871, 0.0321]),
+    (dict(temperature=1.0, top_k=3), [0.6652, 0.2447, 0.0900, 0.0]),
+    (dict(temperature=1.0, top_p=0.8), [0.7311, 0.2689, 0.0, 0.0]),  # mass before token 2 is 0.88
+    (dict(temperature=2.0, top_k=2, top_p=0.5), [1.0, 0.0, 0.0, 0.0]),
+])
+def test_sampling_draws_follow_the_filtered_distribution(settings, expected):
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    params = SamplingParams(**settings)
+    counts = torch.bincount(torch.tensor([sample_row(logits, params, generator) for _ in range(4000)]), minlength=4)
+    assert torch.allclose(counts / 4000, torch.tensor(expected), atol=0.03)
 
 def feed(tok, text, params):
     seq = Sequence([1], params, tok)
