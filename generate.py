@@ -30,6 +30,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI-style, over generated tokens: - presence if seen at all
     frequency_penalty: float = 0.0  # ... and - frequency * times seen
     logprobs: int | None = None  # record each token's log-probability and this many alternatives
+    # When the context is full, go on from its newest half (nanoGPT crops the context too; the
+    # positions restart at 0). Off: a prompt plus max_new_tokens beyond the context is refused.
+    sliding_window: bool = False
 
     def validate(self):
         checks = [
@@ -228,7 +231,10 @@ class Batcher:
         limit = self.model.config.block_size
         if not seq.prompt_ids:
             raise GenerationError("prompt must not be empty")
-        if len(seq.prompt_ids) + seq.params.max_new_tokens > limit:
+        if seq.params.sliding_window and len(seq.prompt_ids) >= limit:
+            raise GenerationError(f"prompt ({len(seq.prompt_ids)} tokens) must be shorter than the model's "
+                                  f"context of {limit} tokens")
+        if len(seq.prompt_ids) + seq.params.max_new_tokens > limit and not seq.params.sliding_window:
             raise GenerationError(
                 f"prompt ({len(seq.prompt_ids)} tokens) plus max_new_tokens ({seq.params.max_new_tokens}) "
                 f"exceeds the model's context of {limit} tokens")
@@ -265,6 +271,9 @@ class Batcher:
             return []
         seqs = list(self.seqs)
         B = len(seqs)
+        for i, n in enumerate(self.lengths):
+            if n == self.model.config.block_size:  # full: only sliding_window sequences get here
+                self._slide(i)
         self.cache.reserve(max(self.lengths) + 1)
         idx = torch.tensor([[s.out_ids[-1]] for s in seqs], device=self.device)
         pos = self.lengths[0] if len(set(self.lengths)) == 1 else torch.tensor(self.lengths, device=self.device)
@@ -274,6 +283,16 @@ class Batcher:
         forced = luts and luts.hit_at(torch.zeros(B, dtype=torch.long, device=self.device))
         self._take(seqs, sample_next(logits[:, -1], seqs, forced))
         return seqs
+
+    def _slide(self, i):
+        """Refill row i with the newest half of its context, all but the last token (which the
+        next step feeds). The cache holds keys and values only, which a LUT never changes (it adds
+        to the final residual), so no LUT is needed here."""
+        s = self.seqs[i]
+        window = (s.prompt_ids + s.out_ids)[-(self.model.config.block_size // 2) - 1:-1]
+        self.model(torch.tensor([window], device=self.device), cache=self.cache.rows(i, i + 1), pos=0,
+                   logits_at=torch.tensor([len(window) - 1], device=self.device))
+        self.lengths[i] = len(window)
 
     def _take(self, seqs, tokens):
         for s, t in zip(seqs, tokens.tolist()):

@@ -19,7 +19,8 @@ def parse_args(argv=None):
                    "directory/file written by train.py (e.g. out/shakespeare_char)")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=1, help="how many samples to draw")
-    p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate per sample")
+    p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate per sample (past the "
+                   "context, generation goes on from its newest half)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     p.add_argument("--top_k", type=int, default=200, help="keep only the k likeliest tokens (0 = off)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
@@ -59,7 +60,8 @@ def main(argv=None):
         ids = tokenizer.encode(prompt)
         params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                 do_sample=not args.greedy, seed=args.seed + i, stop=args.stop).validate()
+                                 do_sample=not args.greedy, seed=args.seed + i, stop=args.stop,
+                                 sliding_window=True).validate()
                   for i in range(args.num_samples)]
         if args.stream:  # one sample at a time, text printed as it comes
             for p in params:

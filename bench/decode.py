@@ -7,7 +7,6 @@ same GPT-2 weights (random, 124M shape by default), same prompts, greedy, measur
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,13 +47,19 @@ def tokens_per_s(fn, n_tokens, repeat):
 
 
 def sample_rss_mb(model):
-    """Peak resident memory of `python sample.py` run on this model saved as a checkpoint."""
+    """Peak resident memory of `python sample.py` run on this model saved as a checkpoint. Read
+    from the child's own /proc VmHWM at exit: getrusage's ru_maxrss would report this (much
+    larger) benchmark process, which the child's fork+exec inherits as its high-water mark."""
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    report = ("import atexit, runpy, sys; atexit.register(lambda: sys.stderr.write("
+              "'VmHWM ' + open('/proc/self/status').read().split('VmHWM:')[1].split()[0])); "
+              "sys.argv = sys.argv[1:]; runpy.run_path('sample.py', run_name='__main__')")
     with tempfile.TemporaryDirectory() as d:
         torch.save({"model_args": model.config.__dict__, "model": model.state_dict()}, os.path.join(d, "ckpt.pt"))
-        subprocess.run([sys.executable, "sample.py", "--init_from", d, "--start", "Hello", "--max_new_tokens", "32",
-                        "--device", "cpu"], cwd=root, check=True, stdout=subprocess.DEVNULL)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        r = subprocess.run([sys.executable, "-c", report, "sample.py", "--init_from", d, "--start", "Hello",
+                            "--max_new_tokens", "32", "--device", "cpu"], cwd=root, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return int(r.stderr.rsplit("VmHWM ", 1)[1].split()[0]) / 1024
 
 
 def main():

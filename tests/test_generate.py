@@ -188,3 +188,33 @@ def test_context_is_never_exceeded(tiny):
         generate(model, tok, [""], SamplingParams(max_new_tokens=10))
     out = generate(model, tok, [[1] * 100], SamplingParams(max_new_tokens=28, ignore_eos=True, seed=0))[0]
     assert len(out.out_ids) == 28  # exactly up to the context
+
+
+def sliding_reference_logprobs(model, prompt, out):
+    """Without a cache: each output token's log-probability given the window that sliding_window
+    keeps (when the cached context, all tokens but the newest, fills the block, it restarts
+    from the newest half)."""
+    ids, start, limit, lps = list(prompt), 0, model.config.block_size, []
+    with torch.no_grad():
+        for token in out:
+            if len(ids) - 1 - start == limit:
+                start = len(ids) - 1 - limit // 2
+            logits, _ = model(torch.tensor([ids[start:]]))
+            lps.append(float(torch.log_softmax(logits[0, -1], -1)[token]))
+            ids.append(token)
+    return lps
+
+
+def test_sliding_window_generates_past_the_context(tiny):
+    model, tok = tiny  # block_size 128
+    slide = SamplingParams(max_new_tokens=200, seed=3, ignore_eos=True, sliding_window=True, logprobs=0)
+    plain = SamplingParams(max_new_tokens=60, seed=4, ignore_eos=True)
+    long_prompt, short_prompt = tok.encode("word " * 60), tok.encode(PROMPTS[0])
+    # in one batch with a sequence that never slides: each row slides on its own
+    sliding, other = generate(model, tok, [long_prompt, short_prompt], [slide, plain])
+    assert len(sliding.out_ids) == 200
+    expected = sliding_reference_logprobs(model, long_prompt, sliding.out_ids)
+    assert [lp for lp, _ in sliding.logprobs] == pytest.approx(expected, abs=1e-4)
+    assert other.out_ids == generate(model, tok, [short_prompt], plain)[0].out_ids
+    with pytest.raises(GenerationError, match="must be shorter than the model's context of 128"):
+        generate(model, tok, [[1] * 128], slide)

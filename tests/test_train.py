@@ -120,6 +120,25 @@ def test_config_file_then_flags(data_dir, tmp_path, cli_env):
     assert r.returncode == 2 and "unknown setting 'max_iter'" in r.stderr
 
 
+def test_ddp_with_two_cpu_processes_through_torchrun(data_dir, tmp_path, cli_env):
+    """torchrun starts two gloo ranks: gradients are averaged across them, the accumulation is
+    split between them, and only rank 0 logs and saves."""
+    out = str(tmp_path / "ddp")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    args = ["--data_dir", data_dir, "--dataset", "shakespeare_char", "--out_dir", out, "--eval_interval", "15",
+            *TINY_CHAR]
+    run(cli_env, *torchrun, *args, "--max_iters", "30", "--gradient_accumulation_steps", "2")
+    start = [r for r in records(out) if r["event"] == "start"]
+    assert len(start) == 1 and start[0]["tokens_per_iter"] == 2 * 16 * 32  # 2 ranks x 1 micro-batch each
+    losses = evals(out)
+    assert [i for i, _ in losses] == [0, 15, 30] and losses[-1][1] < losses[0][1] - 0.3, losses
+    from model import load_model
+    assert load_model(out).config.n_layer == 2
+
+    r = run(cli_env, *torchrun, *args, "--max_iters", "2", "--gradient_accumulation_steps", "3", ok=False)
+    assert r.returncode != 0 and "must be a multiple of the number of processes (2)" in r.stderr + r.stdout
+
+
 # ------------------------------------------------------------------------ /api/train
 
 @pytest.fixture
