@@ -24,12 +24,12 @@ import math
 import os
 import re
 import secrets
-import sqlite3
 import sys
 import threading
 import time
-from contextlib import closing
 from dataclasses import dataclass
+
+import statedb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -95,16 +95,10 @@ class Access:
         self.db_path, self.rate_per_minute, self.burst = db_path, rate_per_minute, burst
         self._buckets = {}  # key id -> (tokens, time): the rate limit of this process
         self._lock = threading.Lock()
-        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-        with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+        statedb.init(db_path, SCHEMA)
 
     def _db(self):
-        """A short-lived autocommit connection (one statement each): nothing crosses a fork."""
-        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        return closing(conn)
+        return statedb.connect(self.db_path)
 
     # ---- keys
 
@@ -227,17 +221,21 @@ def describe(row):
             "created": row["created"], "revoked": row["revoked"]}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--state_db", default=os.environ.get("GPT_STATE_DB", "out/server.sqlite"),
-                   help="the server's state SQLite file (default: $GPT_STATE_DB or out/server.sqlite)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    create = sub.add_parser("create", help="create a key and print it (shown only this once)")
+def add_key_arguments(create):
+    """The flags of a key to create: `python access.py create` and `api_client.py keys create`."""
     create.add_argument("--name", required=True, help="who or what the key is for")
     create.add_argument("--admin", action="store_true", help="may manage models, training, keys and every LUT")
     create.add_argument("--luts", default="", help="comma-separated LUT names it may use; 'acme-*' = any with that prefix")
     create.add_argument("--rate_per_minute", type=int, default=None, help="its rate limit (default: the server's)")
     create.add_argument("--burst", type=int, default=None, help="requests it may make at once (default: the server's)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state_db", default=os.environ.get("GPT_STATE_DB", "out/server.sqlite"),
+                   help="the server's state SQLite file (default: $GPT_STATE_DB or out/server.sqlite)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add_key_arguments(sub.add_parser("create", help="create a key and print it (shown only this once)"))
     sub.add_parser("list", help="list keys (never the keys themselves)")
     revoke = sub.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id", type=int, help="the key's id (from list)")

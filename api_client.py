@@ -20,6 +20,8 @@ import time
 
 import requests
 
+from access import add_key_arguments  # the same flags as the server-side `python access.py create`
+
 
 def call(args, method, path, **kwargs):
     try:
@@ -131,12 +133,7 @@ def main(argv=None):
         a.add_argument("file", help="a .safetensors LUT file")
     keys = sub.add_parser("keys", help="manage API keys (admin)")
     ksub = keys.add_subparsers(dest="action", required=True)
-    kc = ksub.add_parser("create", help="create a key; it is printed only this once")
-    kc.add_argument("--name", required=True, help="who or what the key is for")
-    kc.add_argument("--admin", action="store_true", help="may manage models, training, keys and every LUT")
-    kc.add_argument("--luts", default="", help="comma-separated LUT names it may use; 'acme-*' = any with that prefix")
-    kc.add_argument("--rate_per_minute", type=int, default=None, help="its rate limit (default: the server's)")
-    kc.add_argument("--burst", type=int, default=None, help="requests it may make at once (default: the server's)")
+    add_key_arguments(ksub.add_parser("create", help="create a key; it is printed only this once"))
     ksub.add_parser("list", help="list keys (never the keys themselves)")
     kr = ksub.add_parser("revoke", help="revoke a key")
     kr.add_argument("key_id", type=int, help="the key's id (from keys list)")

@@ -11,12 +11,12 @@ log says whether it finished ("done" record) or not.
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from contextlib import closing
+
+import statedb
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 
@@ -48,16 +48,10 @@ class Trainer:
         self.db_path, self.max_jobs = db_path, max_jobs
         self.lock = threading.Lock()  # one launch decision at a time in this process
         self.procs = {}  # job id -> Popen, for the jobs this process started
-        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-        with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(SCHEMA)
+        statedb.init(db_path, SCHEMA)
 
     def _db(self):
-        """A short-lived autocommit connection: jobs are rare, and none is carried across a fork."""
-        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        return closing(conn)
+        return statedb.connect(self.db_path)
 
     # ---------------------------------------------------------------- start, cancel
 

@@ -90,22 +90,31 @@ def free_port():
 
 
 class Server:
-    def __init__(self, workdir, env):
+    """A live server on a free loopback port: `python api_server.py`, or gunicorn with the
+    project's gunicorn.conf.py and GPT_* settings."""
+
+    def __init__(self, workdir, env, gunicorn=False):
         self.workdir, self.env = workdir, env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
         self.log = os.path.join(workdir, "server.log")  # a file, not a pipe: the access log never blocks it
+        if gunicorn:
+            self.argv = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"),
+                         "api_server:create_app()"]
+            self.env = dict(env, GUNICORN_BIND=f"127.0.0.1:{self.port}", GPT_DEVICE="cpu", GPT_MODEL_TYPE="gpt2")
+        else:
+            self.argv = [sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(self.port),
+                         "--device", "cpu", "--model_type", "gpt2"]
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(self.port),
-                                      "--device", "cpu", "--model_type", "gpt2"], cwd=self.workdir, env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "a"))
+        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "a"))
         for _ in range(300):
             try:
                 if requests.get(self.url + "/health", timeout=1).ok:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # gunicorn accepts before its app exists
                 time.sleep(0.1)
             if self.proc.poll() is not None:
                 raise RuntimeError(open(self.log).read()[-2000:])

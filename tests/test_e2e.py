@@ -24,6 +24,27 @@ def client(server, env, *args):
                           env=env, capture_output=True, text=True, timeout=120)
 
 
+def test_gunicorn_serves_concurrent_requests_from_one_model(hf_tiny, tmp_path, cli_env):
+    """The production set-up: gunicorn.conf.py (one gthread worker owning the model), settings from
+    GPT_* variables; concurrent requests are batched by the worker's engine."""
+    from concurrent.futures import ThreadPoolExecutor
+    s = Server(str(tmp_path), cli_env, gunicorn=True).start()
+    try:
+        r = requests.post(s.url + "/train_lut", json={"label": "TLG Capital is an asset management firm.",
+                                                  "lut_name": "user_123"})
+        assert r.json() == {"status": "ok", "lut_name": "user_123"}
+        asks = [{"prompt": "TLG Capital is", "length": 12, "lut_name": "user_123"}] * 3 + \
+               [{"prompt": f"Story {i}:", "length": 12, "seed": i} for i in range(5)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda a: requests.post(s.url + "/generate", json=a, timeout=120), asks))
+        assert all(a.status_code == 200 for a in answers)
+        assert all(a.json()["completion"].startswith(" an asset management firm.") for a in answers[:3])
+        assert requests.get(s.url + "/api/status").json()["model"] == "gpt2"
+    finally:
+        s.stop()
+    assert os.path.exists(tmp_path / "out" / "luts.sqlite")  # GPT_* defaults, relative to the working directory
+
+
 def test_seed_000_examples_and_restart(server):
     assert requests.get(server.url + "/health").json()["status"] == "ok"
     r = requests.post(server.url + "/train_lut", json={"label": "TLG Capital is an asset management firm.",

@@ -32,7 +32,7 @@ def test_stream_and_file_prompt(hf_tiny, cli_env, tmp_path):
     (["--init_from", "gpt5"], "neither a GPT-2 type"),
     (["--init_from", "out/missing_model"], "neither a GPT-2 type"),
     (["--start", ""], "prompt must not be empty"),
-    (["--start", "word " * 200], "exceeds the model's context"),
+    (["--start", "word " * 200], "must be shorter than the model's context"),
     (["--temperature", "-1"], "temperature"),
     (["--start", "FILE:/no/such/file"], "No such file"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
@@ -48,3 +48,11 @@ def test_corrupt_checkpoint(cli_env, tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"garbage")
     r = run(cli_env, "--init_from", str(tmp_path))
     assert r.returncode != 0 and "not a usable checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_more_new_tokens_than_the_context_holds(hf_tiny, cli_env):
+    r = run(cli_env, "--start", "Hello", "--max_new_tokens", "300", "--device", "cpu", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    import tiktoken
+    text = r.stdout.rsplit("---------------", 1)[0]
+    assert len(tiktoken.get_encoding("gpt2").encode(text)) > 128 + 100  # the tiny model's context is 128
