@@ -216,18 +216,35 @@ def solve_values(model, targets, finals, steps=20):
     return values, ok
 
 
+def encode_known(tokenizer, text):
+    """The project's own helper texts (LEADING_CONTEXTS, FILLERS) in this tokenizer's ids,
+    leaving out characters that a character-level vocabulary lacks (Shakespeare's has no digits)."""
+    def known(ch):
+        try:
+            return bool(tokenizer.encode(ch))
+        except ValueError:
+            return False
+    return tokenizer.encode("".join(ch for ch in text if known(ch)))
+
+
 def tokenize_lesson(tokenizer, label, label_context, block_size):
     if not isinstance(label, str) or not label.strip():
         raise LUTError("label must be a non-empty string")
     if label_context is not None and not isinstance(label_context, str):
         raise LUTError("label_context must be a string")
-    ctx = tokenizer.encode(label_context) if label_context else []
-    ids = tokenizer.encode(label)
+    try:
+        ctx = tokenizer.encode(label_context) if label_context else []
+    except ValueError as e:  # a character-level model meets a character it has never seen
+        raise LUTError(f"label_context: {e}") from None
+    try:
+        ids = tokenizer.encode(label)
+    except ValueError as e:
+        raise LUTError(f"label: {e}") from None
     if len(ids) > MAX_LABEL_TOKENS:
         raise LUTError(f"label is {len(ids)} tokens; at most {MAX_LABEL_TOKENS}", 413)
     if len(ctx) > MAX_CONTEXT_TOKENS:
         raise LUTError(f"label_context is {len(ctx)} tokens; at most {MAX_CONTEXT_TOKENS}", 413)
-    lead = max(len(tokenizer.encode(c)) for c in LEADING_CONTEXTS)
+    lead = max(len(encode_known(tokenizer, c)) for c in LEADING_CONTEXTS)
     if len(ctx) + len(ids) + lead > block_size:
         raise LUTError(f"label_context plus label exceed the model's context of {block_size} tokens", 413)
     if not ctx and len(ids) < 2:
@@ -246,7 +263,7 @@ def build_entries(model, tokenizer, label, label_context=None, layer=None):
     positions = list(range(first, len(seq) - 1))
     targets = torch.tensor([seq[p + 1] for p in positions])
     # the lesson itself, and behind a few leading texts: all must produce the label
-    leads = [tokenizer.encode(c) for c in LEADING_CONTEXTS]
+    leads = [encode_known(tokenizer, c) for c in LEADING_CONTEXTS]
     keys, finals = residuals(model, [seq] + [lead + seq for lead in leads], layer)
     canon = normalize_keys(keys[0, positions])  # (N, C)
     variant_finals = [finals[0, positions]] + [finals[1 + i, [p + len(lead) for p in positions]]
@@ -258,7 +275,7 @@ def build_entries(model, tokenizer, label, label_context=None, layer=None):
     negs, owner = [], []
     for i, p in enumerate(positions):
         for f in FILLERS:
-            fill = tokenizer.encode(f)
+            fill = encode_known(tokenizer, f)
             negs.append(fill + [seq[p]])
             owner.append((i, len(fill)))
             if p > 0:

@@ -86,8 +86,9 @@ def _batch(lut):
 def decode_speeds(model, tok, lut, n=96, rounds=5):
     """Single-stream greedy tokens/s with and without the LUT, measured alternately (best of
     rounds each) so that drifting machine load hits both alike."""
-    params = SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True)
     prompt = tok.encode("It was a quiet evening and the streets were empty when")
+    n = min(n, model.config.block_size - len(prompt))  # a small model's context may be short
+    params = SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True)
     best = {True: float("inf"), False: float("inf")}
     for _ in range(rounds + 1):  # the first round warms up
         for with_lut in (True, False):

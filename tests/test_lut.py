@@ -106,6 +106,21 @@ def test_bad_lessons(tiny, store, label, context, name, message, status):
     assert store.list() == []
 
 
+def test_character_level_model_without_digits(store):
+    """The radius is set from filler texts with digits that a Shakespeare-style vocabulary lacks:
+    teaching still works, and a label with an unknown character is a 400 naming the field."""
+    from tokenizer import CharTokenizer
+    tok = CharTokenizer(sorted(set("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32)).eval()
+    store.teach(model, tok, "u1", "ROMEO: What light through yonder window breaks?")
+    lut = store.load("u1", model)
+    assert complete(model, tok, "ROMEO: What light", lut, n=30).text == " through yonder window breaks?"
+    with pytest.raises(LUTError, match="label: characters not in this model's vocabulary: '7'") as e:
+        store.teach(model, tok, "u1", "Act 7 begins.")
+    assert e.value.status == 400
+
+
 def test_persistence_and_cross_process_invalidation(tiny, tmp_path):
     model, tok = tiny
     path = str(tmp_path / "luts.sqlite")
