@@ -578,17 +578,20 @@ def create_app(config=None):
     def revoke_key(key_id):
         return jsonify(access.revoke_key(key_id))
 
+    def own_key_id():
+        """Whose queries this request may see: None (everyone's) without keys or for an admin key."""
+        return None if g.key is None or g.key.admin else g.key.id
+
     @app.get("/usage")
-    def usage_summary():  # an admin sees everyone's; a tenant its own key's
-        return jsonify(access.usage(key_id=None if g.key is None or g.key.admin else g.key.id))
+    def usage_summary():
+        return jsonify(access.usage(key_id=own_key_id()))
 
     @app.get("/usage/history")
     def usage_history():
         limit = request.args.get("limit", "100")
         if not limit.isdigit() or not 1 <= int(limit) <= 10000:
             raise APIError(400, "limit must be an integer in [1, 10000]", param="limit")
-        own = None if g.key is None or g.key.admin else g.key.id
-        return jsonify(queries=access.history(own, request.args.get("app_id"), int(limit)))
+        return jsonify(queries=access.history(own_key_id(), request.args.get("app_id"), int(limit)))
 
     @app.get("/public/models")
     def public_models():

@@ -273,9 +273,9 @@ def build_entries(model, tokenizer, label, label_context=None, layer=None):
         raise LUTError("could not find values that make this model produce the label", 422)
     # negatives: each taught token after unrelated text, with and without the token before it
     negs, owner = [], []
+    fills = [encode_known(tokenizer, f) for f in FILLERS]
     for i, p in enumerate(positions):
-        for f in FILLERS:
-            fill = encode_known(tokenizer, f)
+        for fill in fills:
             negs.append(fill + [seq[p]])
             owner.append((i, len(fill)))
             if p > 0:
