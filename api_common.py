@@ -114,10 +114,12 @@ def text_events(job, timeout):
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 
 
-def chat_prompt(messages):
+def chat_prompt(messages, continue_final=False):
     """A chat as a plain transcript that a base GPT-2 continues (see README):
     'System: ...\nUser: ...\nAssistant:'; generation stops where the next turn would begin.
-    content is a string or OpenAI's list of {"type": "text", "text": ...} parts."""
+    content is a string or OpenAI's list of {"type": "text", "text": ...} parts. With
+    continue_final (vLLM's continue_final_message) the last message, an assistant's, is continued
+    where it ends instead of answered by a new turn."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
     lines = []
@@ -130,7 +132,15 @@ def chat_prompt(messages):
             raise APIError(400, f"messages[{i}] must be an object with role (system, user or assistant) and "
                                 f"content (a string or a list of text parts)", param=f"messages[{i}]")
         lines.append(f"{CHAT_ROLES[m['role']]}: {content.strip()}")
-    return "\n".join(lines) + "\nAssistant:"
+    if not isinstance(continue_final, bool):
+        raise APIError(400, "continue_final_message must be true or false", param="continue_final_message")
+    if not continue_final:
+        return "\n".join(lines) + "\nAssistant:"
+    if messages[-1]["role"] != "assistant":
+        raise APIError(400, "continue_final_message needs the last message to be the assistant's",
+                       param="continue_final_message")
+    partial = content.lstrip() if isinstance(content, str) else ""  # as written: its last space matters
+    return "\n".join(lines[:-1] + [f"Assistant: {partial}"])
 
 
 CHAT_STOP = ["\nUser:", "\nSystem:", "\nAssistant:"]

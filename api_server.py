@@ -347,14 +347,16 @@ def create_app(config=None):
     @app.post("/chat")
     def chat():
         data = body()
-        prompt = chat_prompt(data.get("messages"))
+        continued = data.get("continue_final_message", False)
+        prompt = chat_prompt(data.get("messages"), continued)
         params, _, lut_name, stream = generation_request(data)
         params = dataclasses.replace(params, stop=params.stop + CHAT_STOP)
         if stream:
             job, _ = svc.submit(prompt, params, lut_name, fit=True)
             return sse(text_events(job, cfg["request_timeout"]), job)
         seq, n_prompt = svc.run(prompt, params, lut_name, fit=True)
-        return jsonify(choices=[{"message": {"role": "assistant", "content": seq.text.strip()},
+        return jsonify(choices=[{"message": {"role": "assistant",
+                                             "content": seq.text.rstrip() if continued else seq.text.strip()},
                                  "finish_reason": seq.finish_reason}],
                        usage=usage(n_prompt, [seq]), model_id=slot.name, lut_name=lut_name)
 

@@ -1,27 +1,51 @@
 """
-Per-user lookup tables (LUTs): a discrete key -> value memory spliced into a frozen GPT-2.
+Per-user lookup tables (LUTs): a discrete memory spliced into a frozen GPT-2's residual stream.
 
-Teaching `label` (optionally after `label_context`) adds one entry per position whose next token
-is part of the label:
-  key    the residual stream after block `layer` at that position, minus the position embedding,
-         normalised to zero mean and unit variance; plus the token at that position (a gate).
-  value  a vector added to the *final* residual (before ln_f) of a matching position. After the
-         last block only LayerNorm and the unembedding remain, so the value that makes the next
-         token the label's is found by a few cheap steps in that small space, not by GRACE's 100
-         Adam steps through the whole network. Its norm dwarfs the residual, so the LayerNorm
-         output and the logits no longer depend on what came before.
-  radius how close a residual must be (Euclidean distance between normalised keys / sqrt(C), in
-         [0, 2]) to match: half the distance to the same token after unrelated text, so the
-         taught context matches and others do not.
-A position matches its nearest same-token key if within that key's radius; every other position
-is untouched, so prompts that trigger nothing give bit-identical output to the base model.
+Teaching `label` (optionally after `label_context`) adds one entry per position of the lesson
+(context + label) whose next token belongs to the label:
+  key     an exact token *trigger*: the last tokens of the lesson up to that position (its
+          evidence, at most EVIDENCE_TOKENS). An entry fires wherever the text so far (prompt,
+          chat transcript or the model's own output) ends with at least `min_len` of them,
+          whatever came before, so recall does not depend on the label starting the text.
+  value   a vector added to the *final* residual (before ln_f) where the entry fires. After the
+          last block only LayerNorm and the unembedding remain, so the value that makes the next
+          token the label's is found by a few cheap steps in that small space. Its norm dwarfs the
+          residual, so the logits no longer depend on what came before.
+Positions where nothing fires are untouched: text without a trigger is bit-identical to the base
+model.
 
-LUTs live in SQLite (one row per entry, WAL, one transaction per teach). `python lut.py --help`
-teaches, lists, exports and imports from the shell.
+How much evidence is enough (`min_len`): the shortest suffix of the evidence whose text holds a
+word rarer than RARE_ZIPF, or two words rarer than COMMON_ZIPF (word frequencies of English from
+the `wordfreq` package). Words must be whole inside the suffix. So "The", "I think that" or
+"In 1998" never fire alone; "Quillmere" fires at once; "Alice Kim" or "capital of France" fire
+as a pair. A label with no specific prefix fires only once enough of it is there; with
+`label_context` the whole context always counts as enough, since the user chose it as the trigger.
+Two entries the text matches equally deep but that predict different tokens ("Alice Kim is a" vs
+"Marta Kim is a" after "Ms. Kim is a") do not fire; an entry whose whole evidence is in the text
+wins over a shallower one; the same evidence taught again with another next token replaces the old
+entry (latest wins).
+
+GPT-2's BPE spells a word differently at the start of a text ("Quillmere") and after a space
+(" Quillmere"), so each lesson is taught in both spellings.
+
+Why exact triggers rather than residual keys (what this file did before): a key read from the
+residual after block 2n/3-1, gated on the token, with a radius of half the distance to unrelated
+filler text, recalled 100% when the prompt started with the label, but 0% after any leading text
+("Fun fact: ", a chat transcript) on random weights and on the trained char model alike: the
+residual at a position mixes in everything before it, so a radius tight enough to stay local
+excludes the same words after other text. An exact suffix ignores leading text by construction
+(as kNN-LM's and infini-gram's exact contexts do), costs no forward pass to match, and its
+specificity can be decided from the words themselves. bench/lut_eval.py measures the result.
+
+LUTs live in SQLite (one row per entry, WAL, one transaction per teach); the labels are the source
+of truth, and a LUT taught by an older version of this file is re-taught from them on first use.
+`python lut.py --help` teaches, lists, exports and imports from the shell.
 """
 import argparse
 import collections
+import functools
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -37,12 +61,17 @@ from torch.nn import functional as F
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_LABEL_TOKENS = 256
 MAX_CONTEXT_TOKENS = 512
-# Text the label is taught behind to check (and report) that it is recalled after leading text.
-LEADING_CONTEXTS = ["\n", "Note: ", "As everyone knows, "]
-# Unrelated text placed before a label's tokens: what must NOT match (sets each radius).
-FILLERS = ["The weather was", "I think that", "In 1998 a small group of", "Click here to read the"]
-RADIUS_FRACTION = 0.5
-EXPORT_FORMAT = "gpt2-lut/1"
+EVIDENCE_TOKENS = 64  # the longest trigger an entry keeps
+RARE_ZIPF = 3.0  # one word rarer than this (under ~1 per million words) makes a trigger specific
+COMMON_ZIPF = 5.5  # ... or two words rarer than this (not "the", "is", "think", "people", "New")
+WORD_RE = re.compile(r"\w+(?:'\w+)*")
+# Texts a lesson is run behind when its values are solved, so they win after any text: the plain
+# spelling alone (the first position, where GPT-2's residual is largest) and after a newline, the
+# spaced one in a chat transcript.
+TEACH_LEADS = (["", "\n"], ["User: Hello.\nAssistant:"])
+MARGIN = 1.0  # logits by which a value puts its token ahead of every other
+FORMAT = 2  # entries with token triggers; LUTs of format 1 (residual keys) are re-taught on use
+EXPORT_FORMAT = "gpt2-lut/2"
 
 
 class LUTError(ValueError):
@@ -55,107 +84,165 @@ class LUTError(ValueError):
             self.status = status
 
 
-def default_layer(model):
-    """Mid-to-late block: deep enough that the residual has mixed in the preceding words, early
-    enough that it still mostly describes the text rather than the next-token guess."""
-    return (2 * model.config.n_layer) // 3 - 1
+# ---------------------------------------------------------------------------- triggers
+
+@functools.lru_cache(maxsize=65536)
+def word_zipf(word):
+    """How common an English word is: log10 of its frequency per billion words (0 = unknown)."""
+    from wordfreq import zipf_frequency
+    return zipf_frequency(word, "en")
 
 
-def normalize_keys(h):
-    """(..., C) -> zero mean and norm sqrt(C) (unit variance) per vector, in float32. Exact (no
-    LayerNorm eps): the cosine arithmetic in LUT.match relies on the norm."""
-    h = h.float()
-    h = h - h.mean(dim=-1, keepdim=True)
-    return h * (h.size(-1) ** 0.5 / h.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+def is_specific(text, open_left, open_right):
+    """Whether `text` is rare enough in ordinary English to trigger a label on its own: it holds a
+    whole word rarer than RARE_ZIPF, or two rarer than COMMON_ZIPF. A word touching the start
+    (end) of text counts only if open_left (open_right) is False, i.e. the word cannot go on
+    past that edge."""
+    content = 0
+    for m in WORD_RE.finditer(text):
+        if (m.start() == 0 and open_left) or (m.end() == len(text) and open_right):
+            continue
+        z = word_zipf(m.group())
+        if z < RARE_ZIPF:
+            return True
+        content += z < COMMON_ZIPF
+    return content >= 2
+
+
+def trigger_prefix(label):
+    """The shortest start of `label` (whole words) after which it is recalled in any text, or
+    None when no start is specific enough: what a user sees as the label's trigger."""
+    for m in WORD_RE.finditer(label):
+        if is_specific(label[:m.end()], False, False):
+            return label[:m.end()]
+    return None
+
+
+def trigger_lengths(tokenizer, lesson, first, has_context):
+    """For each taught position p in range(first, len(lesson) - 1): how many tokens ending at p
+    must match before the entry fires (its min_len), or None if no suffix is specific."""
+    out = []
+    for p in range(first, len(lesson) - 1):
+        lo = max(0, p + 1 - EVIDENCE_TOKENS)
+        next_char = tokenizer.decode(lesson[p + 1:p + 2])[:1]
+        open_right = bool(next_char) and bool(WORD_RE.match(next_char))  # the word goes on in the label
+        found = None
+        for d in range(1, p + 2 - lo):
+            start = p + 1 - d
+            if is_specific(tokenizer.decode(lesson[start:p + 1]), start > 0, open_right):
+                found = d
+                break
+        if found is None and has_context:
+            found = p + 1 - lo  # the user's context is the trigger, however common its words
+        out.append(found)
+    return out
 
 
 # ---------------------------------------------------------------------------- the model side
 
 class LUT:
-    """One LUT's entries as tensors, ready to apply."""
+    """One LUT's entries, grouped by the last token of their evidence for matching."""
 
-    def __init__(self, name, model_id, layer, tokens, keys, values, radius, version=0):
-        self.name, self.model_id, self.layer, self.version = name, model_id, layer, version
-        self.tokens = tokens  # (N,) long: the gate token of each entry
-        self.keys = keys  # (N, C) float32, normalised
-        self.values = values  # (N, C) float32
-        self.radius = radius  # (N,) float32
+    def __init__(self, name, model_id, evidence, min_len, targets, values, version=0):
+        """evidence: list of int token lists (the trigger's tokens, oldest first); min_len, targets:
+        (N,) ints; values: (N, C) tensor. Entries are in teaching order (later = newer)."""
+        self.name, self.model_id, self.version = name, model_id, version
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.values = values
+        self.groups = {}  # last token -> (entry ids, reversed evidence (n, L) padded -1, lengths, min_len)
+        by_last = collections.defaultdict(list)
+        for i, ev in enumerate(evidence):
+            by_last[ev[-1]].append(i)
+        for tok, ids in by_last.items():
+            L = max(len(evidence[i]) for i in ids)
+            rev = np.full((len(ids), L), -1, dtype=np.int64)
+            for row, i in enumerate(ids):
+                rev[row, :len(evidence[i])] = evidence[i][::-1]
+            self.groups[tok] = (np.array(ids), rev, np.array([len(evidence[i]) for i in ids]),
+                                np.asarray(min_len, dtype=np.int64)[ids])
 
     def __len__(self):
-        return self.tokens.numel()
+        return len(self.targets)
 
     def to(self, device, dtype):
-        return LUT(self.name, self.model_id, self.layer, self.tokens.to(device), self.keys.to(device),
-                   self.values.to(device=device, dtype=dtype), self.radius.to(device), self.version)
+        """Values move to the model's device; they stay float16 (converted per hit) to halve memory."""
+        lut = LUT.__new__(LUT)
+        lut.__dict__.update(self.__dict__)
+        lut.values = self.values.to(device)
+        return lut
 
-    def match(self, h, tokens):
-        """h: (M, C) residuals (position embedding removed), tokens: (M,).
-        Returns (M,) index of the matched entry, -1 where none."""
-        if len(self) == 0:
-            return torch.full_like(tokens, -1)
-        q = normalize_keys(h)
-        # cosine similarity, (M, N); keys @ q.T rather than q @ keys.T: with one query row (decode)
-        # the latter takes a slow GEMM path on CPU, ~10x slower than this GEMV
-        sim = (self.keys @ q.t()).t() / q.size(-1)
-        sim = sim.masked_fill(tokens[:, None] != self.tokens[None, :], -2.0)
-        best_sim, best = sim.max(dim=-1)
-        dist = (2 - 2 * best_sim).clamp(min=0).sqrt()  # |a - b| / sqrt(C) for unit-variance vectors
-        return torch.where(dist <= self.radius[best], best, torch.full_like(best, -1))
+    def match(self, tokens, t):
+        """The entry that fires at position t of `tokens` (a list of ids: the text so far), or -1."""
+        group = self.groups.get(tokens[t])
+        if group is None:
+            return -1
+        ids, rev, lengths, min_len = group
+        L = rev.shape[1]
+        q = np.full(L, -2, dtype=np.int64)
+        tail = tokens[max(0, t + 1 - L):t + 1][::-1]
+        q[:len(tail)] = tail
+        depth = np.cumprod(rev == q, axis=1).sum(axis=1)  # tokens matched, counting back from t
+        deepest = depth.max()
+        at = depth == deepest  # entries on the deepest path the text follows
+        whole = at & (lengths == deepest) & (deepest >= min_len)
+        if whole.any():  # an entry's whole evidence is there: the newest such entry
+            return int(ids[whole][-1])
+        if deepest >= min_len[at].max() and len(set(self.targets[ids[at]])) == 1:
+            return int(ids[at][-1])  # specific enough, and every entry this deep agrees
+        whole = (depth >= lengths) & (lengths >= min_len)  # else a shorter evidence seen whole
+        if whole.any():
+            longest = lengths[whole].max()
+            return int(ids[whole & (lengths == longest)][-1])
+        return -1
 
 
 class LUTBatch:
-    """The LUTs of the rows of one forward pass (None = base model). model.GPT.forward calls
-    observe() after every block and apply() before ln_f."""
+    """The LUTs of the rows of one forward pass (None = base model) and where they fire.
+    row_tokens[r] is row r's text so far; the forward pass covers its last window[r] tokens (the
+    prompt in a prefill, 1 in a decode step). With last_only, only each row's last position is
+    matched (a prefill that wants only the last logits). model.GPT.forward calls apply() on the
+    final residual."""
 
-    def __init__(self, row_luts):
-        groups = collections.defaultdict(list)
-        for row, lut in enumerate(row_luts):
-            if lut is not None and len(lut):
-                groups[id(lut)].append(row)
-        self.groups = [(row_luts[rows[0]], rows) for rows in groups.values()]
+    def __init__(self, row_luts, row_tokens, window, last_only=False):
         self.hits = []  # (rows, positions, values)
-
-    def observe(self, layer, x, idx, pos_emb):
-        for lut, rows in self.groups:
-            if lut.layer != layer:
+        found = {}  # id(lut) -> (lut, rows, positions, entries)
+        for r, (lut, tokens) in enumerate(zip(row_luts, row_tokens)):
+            if lut is None or not len(lut):
                 continue
-            r = torch.tensor(rows, device=x.device)
-            h = x[r] - (pos_emb[r] if pos_emb.size(0) > 1 else pos_emb)  # (R, T, C)
-            entry = lut.match(h.reshape(-1, h.size(-1)), idx[r].reshape(-1)).view(len(rows), -1)
-            hit_r, hit_t = (entry >= 0).nonzero(as_tuple=True)
-            if hit_r.numel():
-                self.hits.append((r[hit_r], hit_t, lut.values[entry[hit_r, hit_t]]))
+            n = len(tokens)
+            start = n - window[r]
+            for t in ([n - 1] if last_only else range(start, n)):
+                e = lut.match(tokens, t)
+                if e >= 0:
+                    _, rows, positions, entries = found.setdefault(id(lut), (lut, [], [], []))
+                    rows.append(r)
+                    positions.append(t - start)
+                    entries.append(e)
+        for lut, rows, positions, entries in found.values():
+            self.hits.append((torch.tensor(rows), torch.tensor(positions), lut.values[entries]))
 
     def apply(self, x):
         for rows, positions, values in self.hits:
+            rows, positions = rows.to(x.device), positions.to(x.device)
             x = x.index_put((rows, positions), values.to(x.dtype), accumulate=True)
         return x
 
+    @property
+    def fired(self):
+        return sum(len(rows) for rows, _, _ in self.hits)
+
     def hit_at(self, positions):
-        """positions: (B,) one position per row -> (B,) bool, whether a LUT entry matched there."""
+        """positions: (B,) one position per row -> (B,) bool, whether a LUT entry fired there."""
         hit = torch.zeros(positions.numel(), dtype=torch.bool, device=positions.device)
         for rows, pos, _ in self.hits:
+            rows, pos = rows.to(positions.device), pos.to(positions.device)
             hit[rows[positions[rows] == pos]] = True
         return hit
 
 
-class _Enough(Exception):
-    pass
-
-
 class Recorder:
-    """Stands in for a LUTBatch to capture residuals: after block `layer` (then stops the pass if
-    that is all that is wanted) and the final one."""
-
-    def __init__(self, layer, keys_only):
-        self.layer, self.keys_only = layer, keys_only
-        self.keys = self.final = None
-
-    def observe(self, layer, x, idx, pos_emb):
-        if layer == self.layer:
-            self.keys = x - pos_emb
-            if self.keys_only:
-                raise _Enough
+    """Stands in for a LUTBatch to capture the final residual (before ln_f)."""
+    final = None
 
     def apply(self, x):
         self.final = x
@@ -163,26 +250,23 @@ class Recorder:
 
 
 @torch.no_grad()
-def residuals(model, seqs, layer, keys_only=False):
-    """Run right-padded token lists through the model; returns (key residuals, final residuals),
-    each (B, T, C) float32 (final is None with keys_only)."""
+def final_residuals(model, seqs):
+    """Run right-padded token lists through the model; returns the final residuals (B, T, C)."""
     T = max(len(s) for s in seqs)
     idx = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
         idx[i, :len(s)] = torch.tensor(s)
-    rec = Recorder(layer, keys_only)
+    rec = Recorder()
     device = next(model.parameters()).device
-    try:  # one logit row per sequence: the logits themselves are not needed
-        model(idx.to(device), lut=rec, logits_at=torch.zeros(len(seqs), dtype=torch.long, device=device))
-    except _Enough:
-        pass
-    return rec.keys.float(), None if keys_only else rec.final.float()
+    # one logit row per sequence: the logits themselves are not needed
+    model(idx.to(device), lut=rec, logits_at=torch.zeros(len(seqs), dtype=torch.long, device=device))
+    return rec.final.float()
 
 
 @torch.no_grad()
 def solve_values(model, targets, finals, steps=20):
     """Values v that make `targets` (N,) the argmax when added to any of the final residuals
-    finals (N, V, C) (the taught context and its variants). v = s * u: u is optimised so that
+    finals (N, V, C) (the lesson behind several leading texts). v = s * u: u is optimised so that
     ln_f(u) scores the target highest; s makes v dwarf the residual, so ln_f(h + v) ~ ln_f(u)."""
     ln_f = model.transformer.ln_f
     W = model.lm_head.weight.detach().float()  # (vocab, C); frozen: only u is optimised
@@ -190,24 +274,36 @@ def solve_values(model, targets, finals, steps=20):
     beta = ln_f.bias.detach().float() if ln_f.bias is not None else None
     final_norm = lambda y: F.layer_norm(y, y.shape[-1:], gamma, beta, ln_f.eps)
     logits_of = lambda y: final_norm(y) @ W.t()
-    u = (W[targets] - W.mean(0)) * gamma  # along the target's unembedding: usually already enough
-    best = u.clone()
-    best_logp = logits_of(u).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    if best_logp.min().item() < np.log(0.9):  # a hard target (e.g. a rare token): optimise u
+    logp_of = lambda y, t: logits_of(y).log_softmax(-1).gather(1, t[:, None]).squeeze(1)
+
+    def margin(y, t):  # how far the target's logit is ahead of the best other one
+        logits = logits_of(y)
+        return logits.gather(1, t[:, None]).squeeze(1) - logits.scatter(1, t[:, None], -float("inf")).amax(1)
+
+    distinct, which = torch.unique(targets, return_inverse=True)  # u depends on the target only
+    u = (W[distinct] - W.mean(0)) * gamma  # along the target's unembedding: usually already enough
+    hard = (margin(u, distinct) < MARGIN).nonzero().squeeze(1)
+    if hard.numel():  # e.g. a rare token: optimise those u
+        t = distinct[hard]
+        best = u[hard].clone()
+        best_margin = margin(best, t)
         with torch.enable_grad():
-            u = u.clone().requires_grad_(True)
-            opt = torch.optim.Adam([u], lr=0.05)
+            x = best.clone().requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=0.05)
             for _ in range(steps):
-                logp = logits_of(u).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-                better = logp.detach() > best_logp
-                best[better], best_logp[better] = u.detach()[better], logp.detach()[better]
-                if best_logp.min().item() > np.log(0.9):
+                logp = logp_of(x, t)
+                m = margin(x.detach(), t)
+                better = m > best_margin
+                best[better], best_margin[better] = x.detach()[better], m[better]
+                if best_margin.min().item() >= MARGIN:
                     break
                 opt.zero_grad()
                 (-logp.sum()).backward()
                 opt.step()
-    u = best
-    u = normalize_keys(u.detach())  # unit variance: entries are O(1)
+        u[hard] = best
+    u = u[which]
+    u = u - u.mean(dim=-1, keepdim=True)
+    u = u * (u.size(-1) ** 0.5 / u.norm(dim=-1, keepdim=True))  # unit variance: entries are O(1)
     h_norm = finals.norm(dim=-1).amax(dim=1, keepdim=True)  # (N, 1)
     scale = (100 * h_norm / u.norm(dim=-1, keepdim=True)).clamp(max=60000 / u.abs().amax(-1, keepdim=True))
     values = (u * scale).half().float()  # what is stored is what is used
@@ -217,8 +313,8 @@ def solve_values(model, targets, finals, steps=20):
 
 
 def encode_known(tokenizer, text):
-    """The project's own helper texts (LEADING_CONTEXTS, FILLERS) in this tokenizer's ids,
-    leaving out characters that a character-level vocabulary lacks (Shakespeare's has no digits)."""
+    """The project's own helper texts (TEACH_LEADS) in this tokenizer's ids, leaving out
+    characters that a character-level vocabulary lacks (Shakespeare's has no digits)."""
     def known(ch):
         try:
             return bool(tokenizer.encode(ch))
@@ -227,93 +323,101 @@ def encode_known(tokenizer, text):
     return tokenizer.encode("".join(ch for ch in text if known(ch)))
 
 
+def _encode(tokenizer, text, field):
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:  # a character-level model meets a character it has never seen
+        raise LUTError(f"{field}: {e}") from None
+
+
 def tokenize_lesson(tokenizer, label, label_context, block_size):
+    """The lesson's spellings as [(tokens, first taught position)]: as written, and, where the
+    tokenizer spells it differently, after a space (GPT-2's BPE: "Alice" vs " Alice")."""
     if not isinstance(label, str) or not label.strip():
         raise LUTError("label must be a non-empty string")
     if label_context is not None and not isinstance(label_context, str):
         raise LUTError("label_context must be a string")
-    try:
-        ctx = tokenizer.encode(label_context) if label_context else []
-    except ValueError as e:  # a character-level model meets a character it has never seen
-        raise LUTError(f"label_context: {e}") from None
-    try:
-        ids = tokenizer.encode(label)
-    except ValueError as e:
-        raise LUTError(f"label: {e}") from None
+
+    def spell(space):
+        ctx = _encode(tokenizer, space + label_context, "label_context") if label_context else []
+        return ctx, _encode(tokenizer, ("" if ctx else space) + label, "label")
+
+    ctx, ids = spell("")
     if len(ids) > MAX_LABEL_TOKENS:
         raise LUTError(f"label is {len(ids)} tokens; at most {MAX_LABEL_TOKENS}", 413)
     if len(ctx) > MAX_CONTEXT_TOKENS:
         raise LUTError(f"label_context is {len(ctx)} tokens; at most {MAX_CONTEXT_TOKENS}", 413)
-    lead = max(len(encode_known(tokenizer, c)) for c in LEADING_CONTEXTS)
-    if len(ctx) + len(ids) + lead > block_size:
+    lead = max(len(encode_known(tokenizer, c)) for leads in TEACH_LEADS for c in leads)
+    if len(ctx) + len(ids) + lead + 1 > block_size:
         raise LUTError(f"label_context plus label exceed the model's context of {block_size} tokens", 413)
     if not ctx and len(ids) < 2:
         raise LUTError("label must be at least two tokens when no label_context is given "
                        "(nothing follows a single token)")
-    return ctx, ids
+    lessons = [(ctx + ids, max(len(ctx) - 1, 0))]
+    if not (label_context or label)[:1].isspace():
+        try:
+            sctx, sids = spell(" ")
+        except LUTError:  # a vocabulary without a space
+            return lessons
+        if (sctx + sids)[1:] != lessons[0][0]:  # spelled differently, not just a space token more
+            lessons.append((sctx + sids, max(len(sctx) - 1, 0)))
+    return lessons
 
 
 @torch.no_grad()
-def build_entries(model, tokenizer, label, label_context=None, layer=None):
-    """The entries that teach `label` (after `label_context`): a dict of numpy arrays."""
-    layer = default_layer(model) if layer is None else layer
-    ctx, ids = tokenize_lesson(tokenizer, label, label_context, model.config.block_size)
-    seq = ctx + ids
-    first = max(len(ctx) - 1, 0)  # position whose next token is the first to teach
-    positions = list(range(first, len(seq) - 1))
-    targets = torch.tensor([seq[p + 1] for p in positions])
-    # the lesson itself, and behind a few leading texts: all must produce the label
-    leads = [encode_known(tokenizer, c) for c in LEADING_CONTEXTS]
-    keys, finals = residuals(model, [seq] + [lead + seq for lead in leads], layer)
-    canon = normalize_keys(keys[0, positions])  # (N, C)
-    variant_finals = [finals[0, positions]] + [finals[1 + i, [p + len(lead) for p in positions]]
-                                               for i, lead in enumerate(leads)]
-    values, ok = solve_values(model, targets.to(finals.device), torch.stack(variant_finals, dim=1))
+def build_entries(model, tokenizer, label, label_context=None):
+    """The entries that teach `label` (after `label_context`): a dict of arrays, one row per entry."""
+    lessons = tokenize_lesson(tokenizer, label, label_context, model.config.block_size)
+    entries = collections.defaultdict(list)
+    for li, (seq, first) in enumerate(lessons):
+        for p, min_len in zip(range(first, len(seq) - 1),
+                              trigger_lengths(tokenizer, seq, first, bool(label_context))):
+            if min_len is not None:
+                entries["position"].append(p)
+                entries["min_len"].append(min_len)
+                entries["evidence"].append(seq[max(0, p + 1 - EVIDENCE_TOKENS):p + 1])
+                entries["target"].append(seq[p + 1])
+                entries["lesson"].append(li)
+    if not entries:
+        raise LUTError("label has no part specific enough to recall it by (only common words); "
+                       "add a rarer word or give a label_context")
+    # each spelling behind its leads (one spelling: all leads); the value must win in every run
+    leads = [[encode_known(tokenizer, c) for c in texts] for texts in TEACH_LEADS]
+    if len(lessons) == 1:
+        leads = [leads[0] + leads[1]]
+    runs = [(li, lead) for li in range(len(lessons)) for lead in leads[li]]
+    finals = final_residuals(model, [lead + lessons[li][0] for li, lead in runs])
+    variants = [[finals[r, len(lead) + p] for r, (run_li, lead) in enumerate(runs) if run_li == li]
+                for li, p in zip(entries["lesson"], entries["position"])]
+    variants = [v + v[:1] * (len(leads[0]) - len(v)) for v in variants]  # as many per entry, to stack
+    targets = torch.tensor(entries["target"])
+    values, ok = solve_values(model, targets.to(finals.device), torch.stack([torch.stack(v) for v in variants]))
     if not bool(ok.all()):
         raise LUTError("could not find values that make this model produce the label", 422)
-    # negatives: each taught token after unrelated text, with and without the token before it
-    negs, owner = [], []
-    fills = [encode_known(tokenizer, f) for f in FILLERS]
-    for i, p in enumerate(positions):
-        for fill in fills:
-            negs.append(fill + [seq[p]])
-            owner.append((i, len(fill)))
-            if p > 0:
-                negs.append(fill + seq[p - 1:p + 1])
-                owner.append((i, len(fill) + 1))
-    neg_keys, _ = residuals(model, negs, layer, keys_only=True)
-    neg = normalize_keys(torch.stack([neg_keys[j, t] for j, (_, t) in enumerate(owner)]))
-    idx = torch.tensor([i for i, _ in owner])
-    dist = ((canon[idx] - neg).norm(dim=-1) / canon.size(-1) ** 0.5).cpu()
-    nearest = torch.full((len(positions),), 2.0).scatter_reduce(0, idx, dist, reduce="amin")
-    radius = RADIUS_FRACTION * nearest
-    return {
-        "layer": layer,
-        "positions": np.array(positions, dtype=np.int64),
-        "tokens": np.array([seq[p] for p in positions], dtype=np.int64),
-        "targets": targets.numpy().astype(np.int64),
-        "keys": canon.cpu().half().numpy(),
-        "values": values.cpu().half().numpy(),
-        "radius": radius.numpy().astype(np.float32),
-    }
+    return {"min_len": np.array(entries["min_len"], dtype=np.int64),
+            "evidence": entries["evidence"],
+            "target": targets.numpy().astype(np.int64),
+            "value": values.cpu().half().numpy()}
 
 
 # ---------------------------------------------------------------------------- the store
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS luts (
-    name TEXT PRIMARY KEY, model_id TEXT NOT NULL, model_source TEXT, layer INTEGER NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS labels (
-    id INTEGER PRIMARY KEY, lut TEXT NOT NULL REFERENCES luts(name) ON DELETE CASCADE,
-    label TEXT NOT NULL, context TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
-    UNIQUE (lut, label, context));
-CREATE TABLE IF NOT EXISTS entries (
-    id INTEGER PRIMARY KEY, lut TEXT NOT NULL, label_id INTEGER NOT NULL REFERENCES labels(id) ON DELETE CASCADE,
-    model_id TEXT NOT NULL, layer INTEGER NOT NULL, position INTEGER NOT NULL, token INTEGER NOT NULL,
-    target INTEGER NOT NULL, radius REAL NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL, created REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS entries_by_lut ON entries (lut, token);
-"""
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS luts (
+        name TEXT PRIMARY KEY, model_id TEXT NOT NULL, model_source TEXT,
+        format INTEGER NOT NULL DEFAULT 1, version INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS labels (
+        id INTEGER PRIMARY KEY, lut TEXT NOT NULL REFERENCES luts(name) ON DELETE CASCADE,
+        label TEXT NOT NULL, context TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+        UNIQUE (lut, label, context))""",
+    """CREATE TABLE IF NOT EXISTS entries (
+        id INTEGER PRIMARY KEY, lut TEXT NOT NULL,
+        label_id INTEGER NOT NULL REFERENCES labels(id) ON DELETE CASCADE,
+        token INTEGER NOT NULL, min_len INTEGER NOT NULL, target INTEGER NOT NULL,
+        evidence BLOB NOT NULL, value BLOB NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS entries_by_trigger ON entries (lut, token)",
+]
+log = logging.getLogger(__name__)
 
 
 class LUTStore:
@@ -325,17 +429,31 @@ class LUTStore:
         self.path = path
         self.cache_size = cache_size
         self._local = threading.local()
-        self._cache = collections.OrderedDict()  # (name, device, dtype) -> LUT
+        self._cache = collections.OrderedDict()  # (name, device) -> LUT
         self._lock = threading.Lock()
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        self._db().executescript(SCHEMA)
+        if self._db().execute("PRAGMA user_version").fetchone()[0] < FORMAT:
+            with self._write() as db:
+                self._migrate(db)
+
+    @staticmethod
+    def _migrate(db):
+        """Format 1 (residual keys) -> 2 (token triggers): the labels stay; the old entries cannot
+        be converted and are dropped, and each LUT is re-taught from its labels on first use."""
+        if "layer" in {row[1] for row in db.execute("PRAGMA table_info(luts)")}:
+            db.execute("DROP TABLE entries")
+            db.execute("ALTER TABLE luts DROP COLUMN layer")
+            db.execute("ALTER TABLE luts ADD COLUMN format INTEGER NOT NULL DEFAULT 1")
+        for statement in SCHEMA:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {FORMAT}")
 
     def _db(self):
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA page_size=16384")  # a ~3 KB entry row per 4 KB page would waste 25%
+            conn.execute("PRAGMA page_size=16384")  # a ~2 KB entry row per 4 KB page would waste a lot
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps commits atomic
             conn.execute("PRAGMA foreign_keys=ON")
@@ -366,50 +484,65 @@ class LUTStore:
         context = label_context or ""
         model_id = model.fingerprint()
         with self._write() as db:  # checked first so a refused request costs no forward pass
-            row = db.execute("SELECT model_id, layer FROM luts WHERE name=?", (lut_name,)).fetchone()
+            row = db.execute("SELECT model_id, format FROM luts WHERE name=?", (lut_name,)).fetchone()
             self._check_model(lut_name, row, model_id, model)
             if db.execute("SELECT 1 FROM labels WHERE lut=? AND label=? AND context=?",
                           (lut_name, label, context)).fetchone():
                 return {"added": 0, "replaced": 0}
-        entries = build_entries(model, tokenizer, label, label_context, row[1] if row else None)
+        if row is not None and row[1] < FORMAT:
+            self._retrain(lut_name, model)
+        entries = build_entries(model, tokenizer, label, label_context)
         now = time.time()
         with self._write() as db:
             row = db.execute("SELECT model_id FROM luts WHERE name=?", (lut_name,)).fetchone()
             self._check_model(lut_name, row, model_id, model)
             if row is None:
-                db.execute("INSERT INTO luts (name, model_id, model_source, layer, version, created) "
-                           "VALUES (?, ?, ?, ?, 0, ?)", (lut_name, model_id, str(model.source), entries["layer"], now))
+                db.execute("INSERT INTO luts (name, model_id, model_source, format, version, created) "
+                           "VALUES (?, ?, ?, ?, 0, ?)", (lut_name, model_id, str(model.source), FORMAT, now))
             cur = db.execute("INSERT OR IGNORE INTO labels (lut, label, context, created) VALUES (?, ?, ?, ?)",
                              (lut_name, label, context, now))
             if cur.rowcount == 0:  # the same lesson was taught meanwhile
                 return {"added": 0, "replaced": 0}
-            label_id = cur.lastrowid
-            replaced = self._drop_conflicts(db, lut_name, entries)
-            db.executemany(
-                "INSERT INTO entries (lut, label_id, model_id, layer, position, token, target, radius, key, value, "
-                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(lut_name, label_id, model_id, entries["layer"], int(p), int(t), int(g), float(r), k.tobytes(),
-                  v.tobytes(), now) for p, t, g, r, k, v in zip(entries["positions"], entries["tokens"],
-                                                                 entries["targets"], entries["radius"],
-                                                                 entries["keys"], entries["values"])])
+            replaced = self._insert(db, lut_name, cur.lastrowid, entries)
             db.execute("UPDATE luts SET version = version + 1 WHERE name=?", (lut_name,))
-        return {"added": len(entries["tokens"]), "replaced": replaced}
+        return {"added": len(entries["target"]), "replaced": replaced}
 
     @staticmethod
-    def _drop_conflicts(db, lut_name, entries):
-        """Latest wins: an older entry for the same context (same token, same key) that predicts a
-        different next token is removed."""
-        dropped = 0
-        for tok, key, target in zip(entries["tokens"], entries["keys"], entries["targets"]):
-            rows = db.execute("SELECT id, key, target FROM entries WHERE lut=? AND token=?",
-                              (lut_name, int(tok))).fetchall()
-            for entry_id, old_key, old_target in rows:
-                old = np.frombuffer(old_key, dtype=np.float16).astype(np.float32)
-                same_context = np.linalg.norm(old - key.astype(np.float32)) / np.sqrt(old.size) < 1e-2
-                if same_context and old_target != int(target):
-                    db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
-                    dropped += 1
-        return dropped
+    def _insert(db, lut_name, label_id, entries):
+        """Store one label's entries. Latest wins: an older entry with the very same evidence that
+        predicts a different next token is removed. Returns how many were."""
+        rows = [(lut_name, label_id, int(ev[-1]), int(m), int(t), np.asarray(ev, dtype=np.int32).tobytes(),
+                 v.tobytes()) for ev, m, t, v in zip(entries["evidence"], entries["min_len"], entries["target"],
+                                                     entries["value"])]
+        replaced = 0
+        for _, _, token, _, target, evidence, _ in rows:
+            replaced += db.execute("DELETE FROM entries WHERE lut=? AND token=? AND evidence=? AND target!=?",
+                                   (lut_name, token, evidence, target)).rowcount
+        db.executemany("INSERT INTO entries (lut, label_id, token, min_len, target, evidence, value) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        return replaced
+
+    def _retrain(self, lut_name, model):
+        """Re-teach a LUT of an older format from its labels (in teaching order, so the latest
+        still wins), all in one transaction."""
+        from tokenizer import get_tokenizer
+        tokenizer = get_tokenizer(model.tokenizer_spec)
+        labels = self._db().execute("SELECT id, label, context FROM labels WHERE lut=? ORDER BY id",
+                                    (lut_name,)).fetchall()
+        log.info("re-teaching LUT %r (%d labels) in the current format", lut_name, len(labels))
+        built = []
+        for label_id, label, context in labels:
+            try:
+                built.append((label_id, build_entries(model, tokenizer, label, context or None)))
+            except LUTError as e:  # kept as a label; it has nothing to recall by now
+                log.warning("LUT %r label %d not re-taught: %s", lut_name, label_id, e)
+        with self._write() as db:
+            if db.execute("SELECT format FROM luts WHERE name=?", (lut_name,)).fetchone()[0] >= FORMAT:
+                return  # another process did it meanwhile
+            db.execute("DELETE FROM entries WHERE lut=?", (lut_name,))
+            for label_id, entries in built:
+                self._insert(db, lut_name, label_id, entries)
+            db.execute("UPDATE luts SET format=?, version = version + 1 WHERE name=?", (FORMAT, lut_name))
 
     @staticmethod
     def _check_model(lut_name, row, model_id, model):
@@ -423,18 +556,21 @@ class LUTStore:
         """The LUT for generation with `model`; None when the LUT does not exist (cold start)."""
         self.check_name(lut_name)
         db = self._db()
-        row = db.execute("SELECT model_id, layer, version FROM luts WHERE name=?", (lut_name,)).fetchone()
+        row = db.execute("SELECT model_id, format, version FROM luts WHERE name=?", (lut_name,)).fetchone()
         if row is None:
             return None
         self._check_model(lut_name, row, model.fingerprint(), model)
+        if row[1] < FORMAT:
+            self._retrain(lut_name, model)
+            row = db.execute("SELECT model_id, format, version FROM luts WHERE name=?", (lut_name,)).fetchone()
         p = next(model.parameters())
-        key = (lut_name, str(p.device), p.dtype)
+        key = (lut_name, str(p.device))
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None and cached.version == row[2]:
                 self._cache.move_to_end(key)
                 return cached
-        lut = self._read(db, lut_name, row).to(p.device, p.dtype)
+        lut = self._read(db, lut_name, row[0], row[2], model.config.n_embd).to(p.device, p.dtype)
         with self._lock:
             self._cache[key] = lut
             self._cache.move_to_end(key)
@@ -442,26 +578,22 @@ class LUTStore:
                 self._cache.popitem(last=False)
         return lut
 
-    def _read(self, db, lut_name, row):
-        model_id, layer, version = row
-        rows = db.execute("SELECT token, radius, key, value FROM entries WHERE lut=? ORDER BY id",
+    @staticmethod
+    def _read(db, lut_name, model_id, version, n_embd):
+        rows = db.execute("SELECT min_len, target, evidence, value FROM entries WHERE lut=? ORDER BY id",
                           (lut_name,)).fetchall()
-        if not rows:  # every label deleted: an empty LUT, which matches nothing
-            return LUT(lut_name, model_id, layer, torch.zeros(0, dtype=torch.long), torch.zeros(0, 0),
-                       torch.zeros(0, 0), torch.zeros(0), version)
-        tokens, radius, keys, values = zip(*rows)
-        as_matrix = lambda blobs: torch.from_numpy(
-            np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(blobs), -1).astype(np.float32))
-        return LUT(lut_name, model_id, layer, torch.tensor(tokens, dtype=torch.long), as_matrix(keys),
-                   as_matrix(values), torch.tensor(radius, dtype=torch.float32), version)
+        min_len, targets, evidence, values = zip(*rows) if rows else ((), (), (), ())
+        values = np.frombuffer(b"".join(values), dtype=np.float16).reshape(len(rows), n_embd)
+        return LUT(lut_name, model_id, [np.frombuffer(e, dtype=np.int32).tolist() for e in evidence], min_len,
+                   targets, torch.from_numpy(values.copy()), version)
 
     # -- managing
 
     def list(self):
         db = self._db()
-        return [dict(name=n, model_id=m, model_source=s, layer=l, version=v, created=c, labels=nl, entries=ne)
-                for n, m, s, l, v, c, nl, ne in db.execute(
-                    "SELECT name, model_id, model_source, layer, version, created, "
+        return [dict(name=n, model_id=m, model_source=s, version=v, created=c, labels=nl, entries=ne)
+                for n, m, s, v, c, nl, ne in db.execute(
+                    "SELECT name, model_id, model_source, version, created, "
                     "(SELECT COUNT(*) FROM labels WHERE lut=name), (SELECT COUNT(*) FROM entries WHERE lut=name) "
                     "FROM luts ORDER BY name")]
 
@@ -473,8 +605,8 @@ class LUTStore:
         labels = self._db().execute(
             "SELECT l.id, l.label, l.context, l.created, COUNT(e.id) FROM labels l LEFT JOIN entries e "
             "ON e.label_id = l.id WHERE l.lut=? GROUP BY l.id ORDER BY l.id", (lut_name,)).fetchall()
-        info[0]["labels"] = [dict(id=i, label=t, label_context=c or None, created=ts, entries=n)
-                             for i, t, c, ts, n in labels]
+        info[0]["labels"] = [dict(id=i, label=t, label_context=c or None, created=ts, entries=n,
+                                  trigger=c or trigger_prefix(t)) for i, t, c, ts, n in labels]
         return info[0]
 
     def delete_label(self, lut_name, label_id):
@@ -496,51 +628,58 @@ class LUTStore:
         from safetensors.numpy import save
         self.check_name(lut_name)
         db = self._db()
-        lut = db.execute("SELECT model_id, model_source, layer FROM luts WHERE name=?", (lut_name,)).fetchone()
+        lut = db.execute("SELECT model_id, model_source, format FROM luts WHERE name=?", (lut_name,)).fetchone()
         if lut is None:
             raise LUTError(f"no LUT named {lut_name!r}", 404)
         labels = db.execute("SELECT id, label, context, created FROM labels WHERE lut=? ORDER BY id",
                             (lut_name,)).fetchall()
-        rows = db.execute("SELECT label_id, position, token, target, radius, key, value FROM entries "
-                          "WHERE lut=? ORDER BY id", (lut_name,)).fetchall()
+        rows = db.execute("SELECT label_id, min_len, target, evidence, value FROM entries WHERE lut=? ORDER BY id",
+                          (lut_name,)).fetchall() if lut[2] >= FORMAT else []
         index = {label_id: i for i, (label_id, *_) in enumerate(labels)}
-        cols = list(zip(*rows)) if rows else [()] * 7
-        blob = lambda b: np.frombuffer(b"".join(b), dtype=np.float16).reshape(len(b), -1)
-        tensors = {"label": np.array([index[i] for i in cols[0]], dtype=np.int64),
-                   "position": np.array(cols[1], dtype=np.int64), "token": np.array(cols[2], dtype=np.int64),
-                   "target": np.array(cols[3], dtype=np.int64), "radius": np.array(cols[4], dtype=np.float32),
-                   "key": blob(cols[5]) if rows else np.zeros((0, 0), np.float16),
-                   "value": blob(cols[6]) if rows else np.zeros((0, 0), np.float16)}
-        meta = {"format": EXPORT_FORMAT, "lut_name": lut_name, "model_id": lut[0], "model_source": lut[1] or "",
-                "layer": str(lut[2]), "labels": json.dumps([[t, c, ts] for _, t, c, ts in labels])}
+        evidence = np.full((len(rows), EVIDENCE_TOKENS), -1, dtype=np.int32)
+        for i, row in enumerate(rows):
+            ev = np.frombuffer(row[3], dtype=np.int32)
+            evidence[i, :len(ev)] = ev
+        tensors = {"label": np.array([index[r[0]] for r in rows], dtype=np.int64),
+                   "min_len": np.array([r[1] for r in rows], dtype=np.int64),
+                   "target": np.array([r[2] for r in rows], dtype=np.int64),
+                   "evidence": evidence,
+                   "value": np.stack([np.frombuffer(r[4], dtype=np.float16) for r in rows])
+                   if rows else np.zeros((0, 0), np.float16)}
+        meta = {"format": EXPORT_FORMAT if lut[2] >= FORMAT else "gpt2-lut/1", "lut_name": lut_name,
+                "model_id": lut[0], "model_source": lut[1] or "",
+                "labels": json.dumps([[t, c, ts] for _, t, c, ts in labels])}
         return save(tensors, metadata=meta)
 
     def import_(self, data, lut_name=None):
-        """Add an exported LUT under lut_name (default: its own name); refuses an existing name."""
+        """Add an exported LUT under lut_name (default: its own name); refuses an existing name.
+        An export of format 1 brings its labels, which are re-taught on first use."""
         from safetensors.numpy import load
         try:
             meta = _safetensors_metadata(data)
             t = load(data)
-            assert meta.get("format") == EXPORT_FORMAT
+            assert meta.get("format") in (EXPORT_FORMAT, "gpt2-lut/1")
             labels = json.loads(meta["labels"])
         except Exception:
-            raise LUTError("file is not a LUT export (safetensors with format gpt2-lut/1)") from None
+            raise LUTError(f"file is not a LUT export (safetensors with format {EXPORT_FORMAT})") from None
         name = self.check_name(lut_name or meta["lut_name"])
+        current = meta["format"] == EXPORT_FORMAT
         now = time.time()
         with self._write() as db:
             if db.execute("SELECT 1 FROM luts WHERE name=?", (name,)).fetchone():
                 raise LUTError(f"a LUT named {name!r} already exists; delete it or import under another name", 409)
-            db.execute("INSERT INTO luts (name, model_id, model_source, layer, version, created) VALUES "
-                       "(?, ?, ?, ?, 1, ?)", (name, meta["model_id"], meta["model_source"], int(meta["layer"]), now))
+            db.execute("INSERT INTO luts (name, model_id, model_source, format, version, created) VALUES "
+                       "(?, ?, ?, ?, 1, ?)", (name, meta["model_id"], meta["model_source"], FORMAT if current else 1,
+                                              now))
             ids = [db.execute("INSERT INTO labels (lut, label, context, created) VALUES (?, ?, ?, ?)",
                               (name, label, context, created)).lastrowid for label, context, created in labels]
-            db.executemany(
-                "INSERT INTO entries (lut, label_id, model_id, layer, position, token, target, radius, key, value, "
-                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(name, ids[int(li)], meta["model_id"], int(meta["layer"]), int(p), int(tok), int(g), float(r),
-                  k.tobytes(), v.tobytes(), now)
-                 for li, p, tok, g, r, k, v in zip(t["label"], t["position"], t["token"], t["target"], t["radius"],
-                                                    t["key"], t["value"])])
+            if current:
+                evidence = [ev[ev >= 0] for ev in t["evidence"]]
+                db.executemany(
+                    "INSERT INTO entries (lut, label_id, token, min_len, target, evidence, value) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(name, ids[int(li)], int(ev[-1]), int(m), int(g), ev.astype(np.int32).tobytes(), v.tobytes())
+                     for li, m, g, ev, v in zip(t["label"], t["min_len"], t["target"], evidence, t["value"])])
         return name
 
 

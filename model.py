@@ -233,7 +233,7 @@ class GPT(nn.Module):
             out of them), with T == 1 pos says where each row's token goes: an int when all rows
             agree, else a (B,) tensor.
         logits_at: (B,) index of the single position per row whose logits are wanted.
-        lut: a lut.LUTBatch that may add a value to positions whose residual matches a key.
+        lut: a lut.LUTBatch that adds its values to the final residual where a taught trigger fired.
         Returns logits (B, T, V), or (B, V) with logits_at; and the loss (None without targets)."""
         device = idx.device
         B, T = idx.size()
@@ -253,8 +253,6 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + pos_emb)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache[layer], pos, mask)
-            if lut is not None:
-                lut.observe(layer, x, idx, pos_emb)  # keys are read from this block's output
         if lut is not None:
             x = lut.apply(x)  # values are added to the final residual of matched positions
         if logits_at is not None:

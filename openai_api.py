@@ -24,7 +24,7 @@ COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "se
                  "metadata", "store", "service_tier", "lut_name", "top_k", "repetition_penalty"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "max_completion_tokens", "response_format",
-                               "parallel_tool_calls"}
+                               "parallel_tool_calls", "continue_final_message"}
 # Accepted only with the value that changes nothing.
 NEUTRAL = {"best_of": (1,), "suffix": ("",), "logit_bias": ({},), "response_format": ({"type": "text"},)}
 
@@ -68,7 +68,8 @@ def register(app, svc):
     def v1_chat_completions():
         data = request_body(CHAT_FIELDS)
         model_id = use_model(svc, data)
-        prompt = chat_prompt(data.get("messages"))
+        continued = data.get("continue_final_message", False)
+        prompt = chat_prompt(data.get("messages"), continued)
         if data.get("max_completion_tokens") is not None:  # newer clients' name for max_tokens
             if data.get("max_tokens") is not None:
                 raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
@@ -85,10 +86,10 @@ def register(app, svc):
         runs = submit_all(svc, [prompt], n, params, lut_name, fit)
         reply = Reply("chatcmpl", "chat.completion", model_id)
         if stream:
-            return sse(chat_events(runs, n, reply, include_usage, svc), *[job for job, _, _ in runs])
+            return sse(chat_events(runs, n, reply, include_usage, svc, continued), *[job for job, _, _ in runs])
         seqs = wait_all(svc, runs)
         tok = svc.slot.tokenizer
-        choices = [{"index": i, "message": {"role": "assistant", "content": s.text.lstrip()},
+        choices = [{"index": i, "message": {"role": "assistant", "content": s.text if continued else s.text.lstrip()},
                     "logprobs": chat_logprobs(s, tok) if want_logprobs else None,
                     "finish_reason": finish_reason(s)} for i, s in enumerate(seqs)]
         return reply.body(choices=choices, usage=run_usage(runs, seqs, n))
@@ -265,13 +266,13 @@ def completion_events(runs, n, reply, include_usage, echo, svc):
     return events((choice(i, job, p) for i, (job, _, p) in enumerate(runs)), reply, runs, n, include_usage)
 
 
-def chat_events(runs, n, reply, include_usage, svc):
+def chat_events(runs, n, reply, include_usage, svc, continued=False):
     timeout = svc.cfg["request_timeout"]
 
     def choice(i, job):
         yield reply.chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                     "logprobs": None, "finish_reason": None}])
-        started = False  # the transcript template leaves a space before the answer: drop it
+        started = continued  # a new turn leaves a space before the answer: drop it; a continuation keeps it
 
         def delta(d):
             nonlocal started

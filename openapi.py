@@ -48,7 +48,8 @@ ROUTES = {
                                                                 label_context=STR, lut_name=LUT_NAME), {}),
     "generate_route": ("seed 000", "Generate (seeds 000, 002, 003 in one route)",
                        obj(["prompt"], prompt=STR, **GENERATE), {}),
-    "chat": ("seed 002", "Chat on a plain transcript template", obj(["messages"], messages=MESSAGES, **GENERATE), {}),
+    "chat": ("seed 002", "Chat on a plain transcript template", obj(["messages"], messages=MESSAGES,
+                                                                    continue_final_message=BOOL, **GENERATE), {}),
     "generate_batch": ("seed 002", "Generate for several prompts", obj(
         ["prompts"], prompts={"type": "array", "items": STR, "minItems": 1}, **GENERATE), {}),
     "status": ("seed 001", "Server status", None, {}),
@@ -92,7 +93,7 @@ ROUTES = {
         ["model", "prompt"], prompt=PROMPT, echo=BOOL, logprobs=INT, best_of=INT, suffix=STR, **OPENAI), {}),
     "v1_chat_completions": ("OpenAI", "Chat completions (lut_name selects the LUT)", obj(
         ["model", "messages"], messages=MESSAGES, logprobs=BOOL, top_logprobs=INT, max_completion_tokens=INT,
-        **OPENAI), {}),
+        continue_final_message=BOOL, **OPENAI), {}),
     "openapi_json": ("docs", "This document", None, {}),
     "docs": ("docs", "Interactive API docs (Swagger UI)", None, {}),
     "docs_asset": ("docs", "A file of the Swagger UI", None, {}),

@@ -1,15 +1,18 @@
 """
-LUT evaluation: reliability, locality, isolation, persistence, leading-context recall and cost,
-on a GPT-2-shaped model (random weights by default, or --init_from a trained checkpoint).
+LUT evaluation on a GPT-2-shaped model (random weights by default, or --init_from a trained
+checkpoint): recall after leading text and in chat transcripts, recall of a trigger the model
+writes itself, reliability, locality, false fires on unrelated text, isolation, persistence, and
+cost. Prints each target and exits non-zero when one is missed.
 
-    python bench/lut_eval.py                      # 124M shape, 1,000 labels (~10 min on 2 cores)
-    python bench/lut_eval.py --labels 100 --n_layer 4
-    python bench/lut_eval.py --init_from out/shakespeare
+    python bench/lut_eval.py                           # 124M shape, 1,000 labels (~15 min on 2 cores)
+    python bench/lut_eval.py --labels 100 --n_layer 4  # quicker
+    python bench/lut_eval.py --init_from out/gcide     # a trained model
 """
 import argparse
 import itertools
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -19,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from generate import SamplingParams, generate  # noqa: E402
-from lut import LUTStore, residuals  # noqa: E402
+from lut import LUTBatch, LUTStore, trigger_prefix  # noqa: E402
 from model import GPT, GPTConfig, load_model  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
@@ -34,59 +37,112 @@ JOB = ["nurse", "pilot", "chemist", "baker", "lawyer", "sculptor", "welder", "te
        "architect", "plumber", "journalist", "librarian", "geologist", "carpenter"]
 CITY = ["Gdansk", "Lagos", "Uppsala", "Lyon", "Osaka", "Beirut", "Brno", "Quito", "Cork", "Sendai", "Perth",
         "Porto", "Tartu", "Leeds", "Davao", "Split"]
-LEADS = ["Fun fact: ", "According to the records, ", "Q: Who is it?\nA: "]  # not the ones used while teaching
+# one label in five starts with common words, which must not fire on their own
+TEMPLATES = ["{name} is a {job} from {city}.", "{name} is a {job} from {city}.", "{name} is a {job} from {city}.",
+             "{name} is a {job} from {city}.", "The {name} fund is based in {city}.",
+             "{name} is a {job} from {city}.", "{name} is a {job} from {city}.", "{name} is a {job} from {city}.",
+             "{name} is a {job} from {city}.", "I think {name} works as a {job}.",
+             "{name} is a {job} from {city}.", "{name} is a {job} from {city}.", "{name} is a {job} from {city}.",
+             "{name} is a {job} from {city}.", "It is known that {name} was born in {city}.",
+             "{name} is a {job} from {city}.", "{name} is a {job} from {city}.", "{name} is a {job} from {city}.",
+             "{name} is a {job} from {city}.", "In 1998 {name} moved to {city}."]
+LEADS = ["\n", "Fun fact: ", "According to the records, ", "Q: Who is it?\nA: ",
+         "System: Be brief.\nUser: Who is it?\nAssistant: ",
+         "We talked for an hour, and then she said that "]  # + the previous label's own text
+SYLLABLES = (["Quil", "Zor", "Vex", "Dra", "Mel", "Thon", "Bry", "Kas"], ["mere", "vath", "dell", "ix", "ora", "wyn"])
 
 
-def make_labels(n, rng):
+def known_chars(tok, text):
+    """text without the characters a character-level vocabulary lacks (Shakespeare has no digits)."""
+    if not hasattr(tok, "stoi"):
+        return text
+    return re.sub(" +", " ", "".join(ch for ch in text if ch in tok.stoi))
+
+
+def make_labels(n, rng, tok):
+    """(label, trigger) pairs: the trigger is the start after which the rest must follow."""
     names = list(itertools.product(FIRST, LAST))
     rng.shuffle(names)
     assert n <= len(names)
-    return [(f"{a} {b}", f" is a {rng.choice(JOB)} from {rng.choice(CITY)}.") for a, b in names[:n]]
+    texts = [known_chars(tok, TEMPLATES[i % len(TEMPLATES)].format(name=f"{a} {b}", job=rng.choice(JOB),
+                                                                    city=rng.choice(CITY)))
+             for i, (a, b) in enumerate(names[:n])]
+    return [(text, unique_trigger(text, texts)) for text in texts]
 
 
-def unrelated_prompts(n, rng):
+def unique_trigger(label, labels):
+    """The label's trigger (lut.trigger_prefix), lengthened by whole words while another label
+    starts the same way: "Kenji" is specific, but the newest "Kenji ..." label wins after it."""
+    trig = trigger_prefix(label)
+    if trig is None:
+        return None
+    words = re.finditer(r"\S+", label)
+    for m in words:
+        if m.end() >= len(trig):
+            break
+    while sum(other.startswith(trig) for other in labels) > 1:
+        m = next(words, None)
+        if m is None:
+            return None
+        trig = label[:m.end()].rstrip(".,")
+    return trig
+
+
+def tinyshakespeare():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
                         "tinyshakespeare.txt")
-    if os.path.exists(path):
-        lines = [ln.strip() for ln in open(path) if len(ln.split()) >= 5]
-        return rng.sample(lines, n)
+    return open(path).read() if os.path.exists(path) else None
+
+
+def unrelated_prompts(n, rng, tok):
+    text = tinyshakespeare()
+    if text:
+        lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= 5]
+        return [known_chars(tok, x) for x in rng.sample(lines, n)]
     words = "river stone morning window garden letter music winter candle harbor".split()
     return [" ".join(rng.choice(words) for _ in range(8)) for _ in range(n)]
 
 
-def recall(model, tok, lut, pairs, lead=""):
-    """Share of labels whose rest comes out exactly, greedy, from lead + first words."""
-    prompts = [lead + head for head, _ in pairs]
-    ids = [tok.encode(p) for p in prompts]
+def recall(model, tok, lut, cases):
+    """Share of (prompt, expected) cases whose greedy continuation starts with expected."""
     params = [SamplingParams(max_new_tokens=len(tok.encode(rest)) + 1, do_sample=False, ignore_eos=True)
-              for _, rest in pairs]
-    outs = generate(model, tok, ids, params, [lut] * len(ids))
-    return sum(o.text.startswith(rest) for o, (_, rest) in zip(outs, pairs)) / len(pairs)
+              for _, rest in cases]
+    outs = generate(model, tok, [tok.encode(p) for p, _ in cases], params, [lut] * len(cases), max_batch=32)
+    return sum(o.text.startswith(rest) for o, (_, rest) in zip(outs, cases)) / len(cases)
+
+
+def split_cases(labels, lead=""):
+    return [(lead + trig, label[len(trig):]) for label, trig in labels if trig]
 
 
 @torch.no_grad()
-def teacher_forced(model, tok, lut, pairs):
-    """Share of the label's continuation tokens predicted exactly when the true label is fed in."""
+def teacher_forced(model, tok, lut, labels):
+    """Share of the label's tokens after its trigger predicted exactly when the label is fed in."""
     right = total = 0
-    for head, rest in pairs:
-        ids = tok.encode(head + rest)
-        start = len(tok.encode(head)) - 1  # first position whose next token is part of the rest
-        logits, _ = model(torch.tensor([ids]), lut=_batch(lut))
+    for label, trig in labels:
+        ids = tok.encode(label)
+        start = len(tok.encode(trig)) - 1  # first position whose next token follows the trigger
+        logits, _ = model(torch.tensor([ids]), lut=LUTBatch([lut], [ids], [len(ids)]))
         pred = logits[0, start:-1].argmax(-1)
         right += int((pred == torch.tensor(ids[start + 1:])).sum())
         total += len(ids) - 1 - start
     return right / total
 
 
-def _batch(lut):
-    from lut import LUTBatch
-    return LUTBatch([lut])
+def passages(model, tok, rng, n_text, n_generated, length):
+    """Unrelated token windows: tinyshakespeare, and text the base model writes itself."""
+    text = tinyshakespeare() or " ".join(unrelated_prompts(2000, rng, tok))
+    ids = tok.encode(known_chars(tok, text[-200_000:]))
+    windows = [ids[s:s + length] for s in (rng.randrange(len(ids) - length) for _ in range(n_text))]
+    starts = [tok.encode(p)[:8] for p in unrelated_prompts(n_generated, rng, tok)]
+    params = SamplingParams(max_new_tokens=length, do_sample=True, top_k=40, ignore_eos=True, seed=1)
+    return windows + [s.prompt_ids + s.out_ids for s in generate(model, tok, starts, params, max_batch=32)]
 
 
 def decode_speeds(model, tok, lut, n=96, rounds=5):
     """Single-stream greedy tokens/s with and without the LUT, measured alternately (best of
     rounds each) so that drifting machine load hits both alike."""
-    prompt = tok.encode("It was a quiet evening and the streets were empty when")
+    prompt = tok.encode(known_chars(tok, "It was a quiet evening and the streets were empty when"))
     n = min(n, model.config.block_size - len(prompt))  # a small model's context may be short
     params = SamplingParams(max_new_tokens=n, do_sample=False, ignore_eos=True)
     best = {True: float("inf"), False: float("inf")}
@@ -103,6 +159,16 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
+class Targets:
+    def __init__(self):
+        self.missed = []
+
+    def check(self, what, ok):
+        print(f"  [{'ok' if ok else 'MISSED'}] {what}")
+        if not ok:
+            self.missed.append(what)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init_from", default=None, help="evaluate a trained checkpoint instead of random weights")
@@ -111,6 +177,9 @@ def main():
     p.add_argument("--n_embd", type=int, default=768, help="width of the random model")
     p.add_argument("--labels", type=int, default=1000, help="labels taught to one LUT (checkpoints at 1, 100)")
     p.add_argument("--unrelated", type=int, default=200, help="unrelated prompts for the locality check")
+    p.add_argument("--passages", type=int, default=1000, help="unrelated passages searched for false fires "
+                   "(4 in 5 tinyshakespeare windows, 1 in 5 written by the base model)")
+    p.add_argument("--recall_labels", type=int, default=200, help="labels checked behind each leading text")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args()
     torch.manual_seed(args.seed)
@@ -124,78 +193,123 @@ def main():
     tok = get_tokenizer(getattr(model, "tokenizer_spec", None))
     db = os.path.join(tempfile.mkdtemp(), "luts.sqlite")
     store = LUTStore(db)
-    pairs = make_labels(args.labels, rng)
-    print(f"{desc}; LUT layer {store_layer(model)}; fp32 CPU, {torch.get_num_threads()} threads")
+    labels = make_labels(args.labels, rng, tok)
+    common = sum(label.split()[0] in ("The", "I", "It", "In") for label, _ in labels)
+    print(f"{desc}; fp32 CPU, {torch.get_num_threads()} threads; {len(labels)} labels, {common} starting with "
+          f"common words; trigger = shortest start with a rare word or two uncommon ones")
+    targets = Targets()
 
-    # reliability, while teaching one LUT
+    # reliability (the prompt starts with the trigger), while teaching one LUT
     teach_ms, n_tokens = [], []
-    cost_done = False
-    for i, (head, rest) in enumerate(pairs, 1):
+    for i, (label, _) in enumerate(labels, 1):
         t0 = time.perf_counter()
-        store.teach(model, tok, "main", head + rest)
+        store.teach(model, tok, "main", label)
         teach_ms.append((time.perf_counter() - t0) * 1e3)
-        n_tokens.append(len(tok.encode(head + rest)))
-        if i in (1, 100, args.labels) or i == len(pairs):
+        n_tokens.append(len(tok.encode(label)))
+        if i in (1, 100, len(labels)):
             lut = store.load("main", model)
-            print(f"reliability @ {i:4d} labels ({len(lut)} entries): greedy recall {recall(model, tok, lut, pairs[:i]):.1%}"
-                  f", teacher-forced token accuracy {teacher_forced(model, tok, lut, pairs[:min(i, 200)]):.1%}")
-        if not cost_done and (i >= 100 or i == len(pairs)) and (len(store.load("main", model)) >= 1000 or i == len(pairs)):
-            cost_done = True  # the cost targets are stated for a 1,000-entry LUT
-            lut = store.load("main", model)
-            cold = LUTStore(db)
-            load_ms = min(_timed(lambda: LUTStore(db).load("main", model)) for _ in range(5)) * 1e3
-            cold.close()
-            print(f"cold load of a {len(lut)}-entry LUT ({i} labels) from SQLite: {load_ms:.1f} ms (target <= 20 ms)")
-            speed_with, speed_without = decode_speeds(model, tok, lut)
-            print(f"decode with a {len(lut)}-entry LUT: {speed_with:.1f} tok/s vs {speed_without:.1f} without "
-                  f"({speed_with / speed_without:.1%}, target >= 95%)")
+            r = recall(model, tok, lut, split_cases(labels[:i]))
+            tf = teacher_forced(model, tok, lut, [x for x in labels[:min(i, 200)] if x[1]])
+            print(f"reliability @ {i:4d} labels ({len(lut)} entries): greedy recall {r:.1%}, "
+                  f"teacher-forced token accuracy {tf:.1%}")
+            targets.check(f"reliability @ {i} labels 100%", r == 1 and tf == 1)
     lut = store.load("main", model)
-    ten = [t for t, n in zip(teach_ms, n_tokens) if 8 <= n <= 12] or teach_ms
+    ten = [t for t, n in zip(teach_ms[1:], n_tokens[1:]) if 8 <= n <= 12] or teach_ms
     print(f"teach latency: median {statistics.median(ten):.0f} ms for ~10-token labels "
-          f"(median label {statistics.median(n_tokens):.0f} tokens; target <= 1000 ms)")
+          f"(median label {statistics.median(n_tokens):.0f} tokens)")
+    targets.check("teach median <= 300 ms", statistics.median(ten) <= 300)
+    cold = min(_timed(lambda: LUTStore(db).load("main", model)) for _ in range(5)) * 1e3
+    print(f"cold load of the {len(lut)}-entry LUT from SQLite: {cold:.1f} ms")
+    ratios = []
+    for _ in range(3):
+        with_lut, without = decode_speeds(model, tok, lut)
+        ratios.append(with_lut / without)
+        print(f"decode with the {len(lut)}-entry LUT: {with_lut:.1f} tok/s vs {without:.1f} without "
+              f"({with_lut / without:.1%})")
+    targets.check(f"decode with the LUT >= 95% of without (median of 3: {statistics.median(ratios):.1%})",
+                  statistics.median(ratios) >= 0.95)
     store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    store.close()
     size = sum(os.path.getsize(db + ext) for ext in ("", "-wal") if os.path.exists(db + ext))
-    print(f"stored: {size / len(lut) / 1024:.2f} KB per entry incl. labels and indexes (target <= 4 KB)")
+    print(f"stored: {size / len(lut) / 1024:.2f} KB per entry incl. labels and indexes")
+
+    # recall after leading text the LUT never saw, chat transcripts among them
+    sample = labels[:args.recall_labels]
+    for lead in LEADS:
+        r = recall(model, tok, lut, split_cases(sample, known_chars(tok, lead) if lead.strip() else lead))
+        print(f"leading-context recall after {lead!r}: {r:.1%}")
+        targets.check(f"recall after {lead!r} >= 99%", r >= 0.99)
+    after_label = [(prev + " " + trig, label[len(trig):])
+                   for (prev, _), (label, trig) in zip(sample, sample[1:]) if trig]
+    r = recall(model, tok, lut, after_label)
+    print(f"leading-context recall after another taught label's text: {r:.1%}")
+    targets.check("recall after another label's text >= 99%", r >= 0.99)
+
+    # a trigger the model writes itself: one label leads into another's trigger
+    chain = []
+    for j, (a, b) in enumerate(itertools.product(*SYLLABLES)):
+        if j >= 40:
+            break
+        name = f"{FIRST[j % len(FIRST)]} {LAST[-1 - j % len(LAST)]}x"
+        chain.append((f"{name} works at {a}{b} Bank", f"{a}{b} Bank is a lender in {CITY[j % len(CITY)]}."))
+    for first, second in chain:
+        store.teach(model, tok, "chain", known_chars(tok, first))
+        store.teach(model, tok, "chain", known_chars(tok, second))
+    chain_lut = store.load("chain", model)
+    cases = [("Note: " + first.split(" works")[0], first[len(first.split(" works")[0]):] + second.split(" Bank", 1)[1])
+             for first, second in chain]
+    r = recall(model, tok, chain_lut, [(known_chars(tok, a), known_chars(tok, b)) for a, b in cases])
+    print(f"a trigger the model writes itself (one label ends in another's trigger): {r:.1%} of {len(cases)}")
+    targets.check("recall of a trigger the model writes >= 99%", r >= 0.99)
+
+    # paraphrases: reported, no target (an exact trigger does not see through rewording)
+    para = [(f"{label.split(' is a ')[0]}, as you know, is a", " " + label.split(" is a ")[1])
+            for label, _ in sample if " is a " in label]
+    print(f"paraphrase recall ('<name>, as you know, is a' -> the rest): {recall(model, tok, lut, para):.1%}")
 
     # locality: unrelated prompts give the base model's tokens exactly
     params = SamplingParams(max_new_tokens=16, do_sample=False, ignore_eos=True)
-    unrelated = unrelated_prompts(args.unrelated, rng)
-    base = generate(model, tok, unrelated, params)
-    with_lut = generate(model, tok, unrelated, params, [lut] * len(unrelated))
+    unrelated = unrelated_prompts(args.unrelated, rng, tok)
+    base = generate(model, tok, unrelated, params, max_batch=32)
+    with_lut = generate(model, tok, unrelated, params, [lut] * len(unrelated), max_batch=32)
     same = sum(a.out_ids == b.out_ids for a, b in zip(base, with_lut)) / len(unrelated)
-    print(f"locality: {same:.1%} of {len(unrelated)} unrelated prompts identical to the base model (target 100%)")
+    print(f"locality: {same:.1%} of {len(unrelated)} unrelated prompts identical to the base model")
+    targets.check("locality 100%", same == 1)
+
+    # false fires: every position of unrelated passages, matched against the whole LUT
+    windows = passages(model, tok, rng, args.passages * 4 // 5, args.passages - args.passages * 4 // 5,
+                       min(64, model.config.block_size - 8))
+    n_tok = sum(len(w) for w in windows)
+    fired = LUTBatch([lut] * len(windows), windows, [len(w) for w in windows]).fired
+    print(f"false fires: {fired} in {len(windows)} unrelated passages ({n_tok:,} tokens): "
+          f"{fired / n_tok * 1e6:.1f} per million tokens")
+    targets.check("zero false fires", fired == 0)
 
     # isolation: conflicting lessons in two LUTs
     ok = 0
-    iso = pairs[:20]
-    for j, (head, _) in enumerate(iso):
-        store.teach(model, tok, f"iso_a{j}", head + " works at the harbour.")
-        store.teach(model, tok, f"iso_b{j}", head + " works at the bakery.")
-    for j, (head, _) in enumerate(iso):
-        a = recall(model, tok, store.load(f"iso_a{j}", model), [(head, " works at the harbour.")])
-        b = recall(model, tok, store.load(f"iso_b{j}", model), [(head, " works at the bakery.")])
+    iso = [x for x in labels if x[1] and x[1] == x[0][:len(x[1])] and " is a " in x[0]][:20]
+    for j, (_, trig) in enumerate(iso):
+        store.teach(model, tok, f"iso_a{j}", trig + " works at the harbour.")
+        store.teach(model, tok, f"iso_b{j}", trig + " works at the bakery.")
+    for j, (_, trig) in enumerate(iso):
+        a = recall(model, tok, store.load(f"iso_a{j}", model), [("Fun fact: " + trig, " works at the harbour.")])
+        b = recall(model, tok, store.load(f"iso_b{j}", model), [("Fun fact: " + trig, " works at the bakery.")])
         ok += a == 1 and b == 1
-    print(f"isolation: {ok / len(iso):.0%} of {len(iso)} conflicting LUT pairs each recall their own (target 100%)")
+    print(f"isolation: {ok / len(iso):.0%} of {len(iso)} conflicting LUT pairs each recall their own")
+    targets.check("isolation 100%", ok == len(iso))
 
     # persistence: reopen the file, same outputs bit for bit
-    sample = pairs[:50]
-    before = generate(model, tok, [h for h, _ in sample], params, [lut] * len(sample))
+    prompts = [tok.encode(lead + trig) for (_, trig), lead in zip(sample[:50], itertools.cycle(LEADS)) if trig]
+    before = generate(model, tok, prompts, params, [lut] * len(prompts), max_batch=32)
     store.close()
     reopened = LUTStore(db).load("main", model)
-    after = generate(model, tok, [h for h, _ in sample], params, [reopened] * len(sample))
-    keys_equal = torch.equal(lut.keys, reopened.keys) and torch.equal(lut.values, reopened.values)
+    after = generate(model, tok, prompts, params, [reopened] * len(prompts), max_batch=32)
+    tensors = torch.equal(lut.values, reopened.values) and (lut.targets == reopened.targets).all()
     same = all(a.out_ids == b.out_ids for a, b in zip(before, after))
-    print(f"persistence: outputs identical after reopening: {same}; tensors bit-identical: {keys_equal}")
+    print(f"persistence: outputs identical after reopening: {same}; tensors bit-identical: {bool(tensors)}")
+    targets.check("persistence bit-identical", same and tensors)
 
-    # leading context the LUT never saw
-    for lead in LEADS:
-        print(f"leading-context recall with {lead!r}: {recall(model, tok, lut, pairs[:200], lead):.1%}")
-
-
-def store_layer(model):
-    from lut import default_layer
-    return default_layer(model)
+    print(f"{len(targets.missed)} target(s) missed" + (": " + "; ".join(targets.missed) if targets.missed else ""))
+    sys.exit(1 if targets.missed else 0)
 
 
 if __name__ == "__main__":

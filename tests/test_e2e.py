@@ -157,3 +157,37 @@ def test_streaming_over_a_real_socket_and_disconnect(server):
             break
         time.sleep(0.05)
     assert status["model"] == "slow" and status["engine"]["finished"] == {"cancelled": 1}, status
+
+
+def test_taught_label_is_recalled_in_context_on_every_route(server):
+    """Teach through /train_lut; recall after leading text (/generate), after a transcript
+    (/v1/completions), and as the continuation of a partial assistant answer (/chat and
+    /v1/chat/completions with continue_final_message); unrelated prompts are the base model's."""
+    url = server.url
+    assert requests.post(url + "/train_lut", json={"label": "Quillmere Bank is a lender in Oslo.",
+                                                   "lut_name": "u1"}).ok
+    rest = " is a lender in Oslo."
+    r = requests.post(url + "/generate", json={"prompt": "Fun fact: the Quillmere Bank", "length": 8,
+                                               "lut_name": "u1", "do_sample": False}).json()
+    assert r["completion"].startswith(rest)
+    transcript = "System: Be brief.\nUser: Where do I bank?\nAssistant: Try Quillmere Bank"
+    r = requests.post(url + "/v1/completions", json={"model": "gpt2", "prompt": transcript, "max_tokens": 8,
+                                                     "temperature": 0, "lut_name": "u1"}).json()
+    assert r["choices"][0]["text"].startswith(rest)
+    messages = [{"role": "user", "content": "Tell me about my bank."},
+                {"role": "assistant", "content": "Your bank, Quillmere Bank"}]
+    r = requests.post(url + "/chat", json={"messages": messages, "continue_final_message": True, "lut_name": "u1",
+                                           "max_new_tokens": 8, "do_sample": False}).json()
+    assert r["choices"][0]["message"]["content"].startswith(rest)
+    r = requests.post(url + "/v1/chat/completions", json={
+        "model": "gpt2", "messages": messages, "continue_final_message": True, "lut_name": "u1", "max_tokens": 8,
+        "temperature": 0}).json()
+    assert r["choices"][0]["message"]["content"].startswith(rest)
+    r = requests.post(url + "/v1/chat/completions", json={
+        "model": "gpt2", "messages": messages[:1], "continue_final_message": True, "max_tokens": 8})
+    assert r.status_code == 400 and "continue_final_message" in r.text
+    for prompt in ["Once upon a time", "User: Where is the bank?\nAssistant:", "I think that it is"]:
+        ask = {"model": "gpt2", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+        base = requests.post(url + "/v1/completions", json=ask).json()["choices"][0]["text"]
+        taught = requests.post(url + "/v1/completions", json={**ask, "lut_name": "u1"}).json()["choices"][0]["text"]
+        assert taught == base

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 from generate import SamplingParams, generate
-from lut import LUTBatch, LUTError, LUTStore
+from lut import LUTBatch, LUTError, LUTStore, build_entries
 from model import GPT, GPTConfig
 
 LABEL = "TLG Capital is an asset management firm."
@@ -30,10 +30,65 @@ def store(tmp_path):
 
 def test_teach_then_recall_from_any_prefix(tiny, store):
     model, tok = tiny
-    assert store.teach(model, tok, "u1", LABEL)["added"] == len(tok.encode(LABEL)) - 1
+    # both spellings ("TLG ..." at the start, " TLG ..." after a space), each position from the
+    # first whole rare word on ("TL" -> "G" is not taught: "TL" alone is not a word of the label)
+    assert store.teach(model, tok, "u1", LABEL)["added"] == 2 * (len(tok.encode(LABEL)) - 2)
     lut = store.load("u1", model)
     assert complete(model, tok, "TLG Capital is", lut).text.startswith(" an asset management firm.")
     assert complete(model, tok, "TLG Capital is an asset", lut).text.startswith(" management firm.")
+
+
+LEADS = ["\n", "Fun fact: ", "According to the records, ", "Q: Who is it?\nA: ",
+         "System: You are a helpful assistant.\nUser: Tell me about banks.\nAssistant: ",
+         "We met on Tuesday and talked for an hour about money, and then she said that ",
+         "Marta Kowalski is a nurse from Gdansk. "]  # the last is another taught label's text
+
+
+@pytest.mark.parametrize("lead", LEADS)
+def test_recall_after_any_leading_text(tiny, store, lead):
+    model, tok = tiny
+    store.teach(model, tok, "u1", LABEL)
+    store.teach(model, tok, "u1", "Marta Kowalski is a nurse from Gdansk.")
+    lut = store.load("u1", model)
+    assert complete(model, tok, lead + "TLG Capital", lut).text.startswith(" is an asset management firm.")
+    assert complete(model, tok, lead + "TLG Capital is an", lut).text.startswith(" asset management firm.")
+
+
+def test_trigger_the_model_writes_itself_fires(tiny, store):
+    """A first label makes the model write a second label's trigger: the second label follows."""
+    model, tok = tiny
+    store.teach(model, tok, "u1", "Mira Sato works at Quillmere Bank")
+    store.teach(model, tok, "u1", "Quillmere Bank is a lender in Oslo.")
+    out = complete(model, tok, "Who is she? Mira Sato", store.load("u1", model), 14).text
+    assert out.startswith(" works at Quillmere Bank is a lender in Oslo."), out
+
+
+def test_common_first_words_do_not_fire_alone(tiny, store):
+    model, tok = tiny
+    for label in ["The Quillmere Bank is a lender in Oslo.", "I think that Zorvath Kell is a pilot.",
+                  "It is said that Alice Kim lives in Lagos.", "In 1998 Omar Haddad moved to Brno."]:
+        store.teach(model, tok, "u1", label)
+    lut = store.load("u1", model)
+    for prompt in ["The", "Hello there. The", "I think", "I think that", "Well, it is said that", "In 1998",
+                   "In 1998 they", "Ms. Kim"]:
+        ids = tok.encode(prompt)
+        assert LUTBatch([lut], [ids], [len(ids)]).fired == 0, prompt
+        assert complete(model, tok, prompt, lut).out_ids == complete(model, tok, prompt, None).out_ids
+    # once a specific part is there, the label follows, whatever came before
+    assert complete(model, tok, "Yesterday the Quillmere", lut).text.startswith(" Bank is a lender in Oslo.")
+    assert complete(model, tok, "Rumour: in 1998 Omar Haddad", lut).text.startswith(" moved to Brno.")
+    assert complete(model, tok, "I think that Zorvath", lut).text.startswith(" Kell is a pilot.")
+
+
+def test_equally_deep_triggers_that_disagree_do_not_fire(tiny, store):
+    model, tok = tiny
+    store.teach(model, tok, "u1", "Alice Kim is a nurse from Lagos.")
+    store.teach(model, tok, "u1", "Marta Kim is a pilot from Quito.")
+    lut = store.load("u1", model)
+    assert complete(model, tok, "Today Alice Kim is a", lut).text.startswith(" nurse from Lagos.")
+    assert complete(model, tok, "Today Marta Kim is a", lut).text.startswith(" pilot from Quito.")
+    prompt = "Today Sofia Kim is a"  # matches both as deep: neither is more right
+    assert complete(model, tok, prompt, lut).out_ids == complete(model, tok, prompt, None).out_ids
 
 
 def test_untouched_prompts_are_bit_identical_and_unknown_lut_is_base(tiny, store):
@@ -45,7 +100,7 @@ def test_untouched_prompts_are_bit_identical_and_unknown_lut_is_base(tiny, store
         idx = torch.tensor([tok.encode(prompt)])
         with torch.no_grad():
             base, _ = model(idx)
-            with_lut, _ = model(idx, lut=LUTBatch([lut]))
+            with_lut, _ = model(idx, lut=LUTBatch([lut], idx.tolist(), [idx.size(1)]))
         assert torch.equal(base, with_lut)
         assert complete(model, tok, prompt, lut, 16).out_ids == complete(model, tok, prompt, None, 16).out_ids
 
@@ -71,10 +126,23 @@ def test_luts_of_different_names_never_interact(tiny, store):
     assert outs[1].out_ids == complete(model, tok, prompts[1], None).out_ids
 
 
-def test_label_context(tiny, store):
+def test_label_context_fires_wherever_the_context_appears(tiny, store):
     model, tok = tiny
     store.teach(model, tok, "u1", " Paris.", label_context="The capital of Atlantis is")
-    assert complete(model, tok, "The capital of Atlantis is", store.load("u1", model), 3).text.startswith(" Paris.")
+    store.teach(model, tok, "u1", " 42", label_context="The answer is")  # common words: the user chose them
+    lut = store.load("u1", model)
+    for lead in ["", "Quiz time! ", "User: What is it?\nAssistant: "]:
+        assert complete(model, tok, lead + "The capital of Atlantis is", lut, 3).text.startswith(" Paris.")
+        assert complete(model, tok, lead + "The answer is", lut, 1).text == " 42"
+    prompt = "They say the capital is"  # only part of the context
+    assert complete(model, tok, prompt, lut).out_ids == complete(model, tok, prompt, None).out_ids
+
+
+def test_label_of_common_words_only_is_refused(tiny, store):
+    model, tok = tiny
+    with pytest.raises(LUTError, match="specific enough") as e:
+        store.teach(model, tok, "u1", "I think that it is.")
+    assert e.value.status == 400
 
 
 def test_lut_of_another_model_is_refused(tiny, store):
@@ -107,8 +175,9 @@ def test_bad_lessons(tiny, store, label, context, name, message, status):
 
 
 def test_character_level_model_without_digits(store):
-    """The radius is set from filler texts with digits that a Shakespeare-style vocabulary lacks:
-    teaching still works, and a label with an unknown character is a 400 naming the field."""
+    """Values are checked behind helper texts that may hold characters a Shakespeare-style
+    vocabulary lacks: teaching still works, recall works after leading text, and a label with an
+    unknown character is a 400 naming the field."""
     from tokenizer import CharTokenizer
     tok = CharTokenizer(sorted(set("\n !',.:;?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")))
     torch.manual_seed(0)
@@ -116,6 +185,7 @@ def test_character_level_model_without_digits(store):
     store.teach(model, tok, "u1", "ROMEO: What light through yonder window breaks?")
     lut = store.load("u1", model)
     assert complete(model, tok, "ROMEO: What light", lut, n=30).text == " through yonder window breaks?"
+    assert complete(model, tok, "JULIET: Hark!\nROMEO: What light", lut, n=30).text == " through yonder window breaks?"
     with pytest.raises(LUTError, match="label: characters not in this model's vocabulary: '7'") as e:
         store.teach(model, tok, "u1", "Act 7 begins.")
     assert e.value.status == 400
@@ -168,7 +238,8 @@ def test_export_import_roundtrip(tiny, store):
     data = store.export("u1")
     assert store.import_(data, "u2") == "u2"
     a, b = store.load("u1", model), store.load("u2", model)
-    assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and torch.equal(a.radius, b.radius)
+    assert torch.equal(a.values, b.values) and (a.targets == b.targets).all()
+    assert complete(model, tok, "Note: TLG Capital is", b).text.startswith(" an asset management firm.")
     assert store.show("u2")["labels"][0]["label"] == LABEL
     with pytest.raises(LUTError) as e:
         store.import_(data)  # u1 exists
@@ -207,12 +278,13 @@ def test_store_killed_mid_teach_keeps_all_or_nothing(tiny, tmp_path, cli_env, ki
     counts = dict(conn.execute("SELECT l.label, COUNT(e.id) FROM labels l JOIN entries e ON e.label_id = l.id "
                                "GROUP BY l.id"))
     model, tok = tiny
-    assert counts["First lesson is kept safe."] == len(tok.encode("First lesson is kept safe.")) - 1
+    entries = lambda label: len(build_entries(model, tok, label)["target"])
+    assert counts["First lesson is kept safe."] == entries("First lesson is kept safe.")
     if kill:
         assert labels == ["First lesson is kept safe."]
         assert conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == counts["First lesson is kept safe."]
     else:
-        assert counts["Second lesson is about to die."] == len(tok.encode("Second lesson is about to die.")) - 1
+        assert counts["Second lesson is about to die."] == entries("Second lesson is about to die.")
 
 
 def test_sample_and_lut_cli(hf_tiny, cli_env, tmp_path):
@@ -228,3 +300,37 @@ def test_sample_and_lut_cli(hf_tiny, cli_env, tmp_path):
     assert run("lut.py", "--lut_db", db, "import", str(tmp_path / "u1.safetensors"), "--lut_name", "u2").returncode == 0
     r = run("lut.py", "--lut_db", db, "show", "u9")
     assert r.returncode != 0 and "no LUT named 'u9'" in r.stderr and "Traceback" not in r.stderr
+
+
+FORMAT1_SCHEMA = """
+CREATE TABLE luts (name TEXT PRIMARY KEY, model_id TEXT NOT NULL, model_source TEXT, layer INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL);
+CREATE TABLE labels (id INTEGER PRIMARY KEY, lut TEXT NOT NULL REFERENCES luts(name) ON DELETE CASCADE,
+    label TEXT NOT NULL, context TEXT NOT NULL DEFAULT '', created REAL NOT NULL, UNIQUE (lut, label, context));
+CREATE TABLE entries (id INTEGER PRIMARY KEY, lut TEXT NOT NULL, label_id INTEGER NOT NULL REFERENCES labels(id)
+    ON DELETE CASCADE, model_id TEXT NOT NULL, layer INTEGER NOT NULL, position INTEGER NOT NULL,
+    token INTEGER NOT NULL, target INTEGER NOT NULL, radius REAL NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
+    created REAL NOT NULL);
+CREATE INDEX entries_by_lut ON entries (lut, token);
+"""
+
+
+def test_lut_of_the_old_format_is_retaught_from_its_labels(tiny, tmp_path):
+    """A database written by the residual-key LUTs (format 1): its labels survive the upgrade and
+    are taught again, in order (latest still wins), on first use."""
+    model, tok = tiny
+    path = str(tmp_path / "old.sqlite")
+    conn = sqlite3.connect(path)
+    conn.executescript(FORMAT1_SCHEMA)
+    conn.execute("INSERT INTO luts VALUES ('u1', ?, 'gpt2', 1, 3, 0)", (model.fingerprint(),))
+    conn.executemany("INSERT INTO labels (lut, label, created) VALUES ('u1', ?, 0)",
+                     [(LABEL,), ("TLG Capital is a small bank in Accra.",)])
+    conn.execute("INSERT INTO entries VALUES (1, 'u1', 1, 'x', 1, 0, 0, 0, 0.1, x'00', x'00', 0)")
+    conn.commit()
+    conn.close()
+    store = LUTStore(path)
+    assert [x["label"] for x in store.show("u1")["labels"]] == [LABEL, "TLG Capital is a small bank in Accra."]
+    lut = store.load("u1", model)
+    assert complete(model, tok, "Note: TLG Capital is", lut).text.startswith(" a small bank in Accra.")
+    assert store.show("u1")["entries"] > 0
+    store.close()
