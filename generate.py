@@ -155,12 +155,12 @@ class Sequence:
 
 def sample_next(logits, seqs, forced=None):
     """logits: (B, V) for the rows of seqs; returns (B,) next token ids (on the CPU).
-    forced: (B,) bool, rows whose position matched a LUT entry: those take the argmax of the raw
-    logits, so a taught label comes out exactly whatever the sampling settings."""
+    forced: (B,) the taught next token of rows where a LUT entry fired (-1 elsewhere): those rows
+    take it, so a taught label comes out exactly whatever the sampling settings (the entry's value
+    has already made it the argmax of the logits wherever the model's output layer can)."""
     logits = logits.float()  # edited in place below: the caller has no further use for it
     device = logits.device
-    forced = forced.tolist() if forced is not None else [False] * len(seqs)
-    raw_best = logits.argmax(dim=-1).cpu()
+    forced = forced.tolist() if forced is not None else [-1] * len(seqs)
     for b, s in enumerate(seqs):
         if s.params.logprobs is not None:  # the model's own distribution, before any sampling setting
             s.next_logprobs = logits[b].log_softmax(-1).cpu()
@@ -174,8 +174,8 @@ def sample_next(logits, seqs, forced=None):
             logits[b, ids] -= s.params.frequency_penalty * counts + s.params.presence_penalty
     out = logits.argmax(dim=-1).cpu()
     for b, s in enumerate(seqs):
-        if forced[b]:
-            out[b] = raw_best[b]
+        if forced[b] >= 0:
+            out[b] = forced[b]
             continue
         if s.params.greedy:
             continue
@@ -263,7 +263,7 @@ class Batcher:
                                logits_at=last, lut=luts)
         self.seqs += new_seqs
         self.lengths += [len(s.prompt_ids) for s in new_seqs]
-        self._take(new_seqs, sample_next(logits, new_seqs, luts and luts.hit_at(last)))
+        self._take(new_seqs, sample_next(logits, new_seqs, luts and luts.taught_at(last)))
 
     @torch.inference_mode()
     def step(self):
@@ -281,7 +281,7 @@ class Batcher:
         luts = _lut_batch(seqs, [s.prompt_ids + s.out_ids for s in seqs], [1] * B)
         logits, _ = self.model(idx, cache=self.cache.rows(0, B), pos=pos, logits_at=None, lut=luts)
         self.lengths = [n + 1 for n in self.lengths]
-        forced = luts and luts.hit_at(torch.zeros(B, dtype=torch.long, device=self.device))
+        forced = luts and luts.taught_at(torch.zeros(B, dtype=torch.long, device=self.device))
         self._take(seqs, sample_next(logits[:, -1], seqs, forced))
         return seqs
 
