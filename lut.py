@@ -10,7 +10,10 @@ Teaching `label` (optionally after `label_context`) adds one entry per position 
   value   a vector added to the *final* residual (before ln_f) where the entry fires. After the
           last block only LayerNorm and the unembedding remain, so the value that makes the next
           token the label's is found by a few cheap steps in that small space. Its norm dwarfs the
-          residual, so the logits no longer depend on what came before.
+          residual, so the logits no longer depend on what came before. Where an entry fires, the
+          decoder emits its taught token: a small model can have tokens that no input to ln_f
+          makes the argmax (the quick-start gcide model: ~5% of taught positions), and recall must
+          not depend on that.
 Positions where nothing fires are untouched: text without a trigger is bit-identical to the base
 model.
 
@@ -267,36 +270,32 @@ def final_residuals(model, seqs):
 
 
 @torch.no_grad()
-def solve_values(model, targets, finals, steps=20):
-    """Values v (N, C) that make `targets` (N,) the argmax when added to any of the final residuals
-    finals (N, V, C) (the lesson behind several leading texts). v = s * u: u is optimised so that
-    ln_f(u) scores the target highest; s makes v dwarf the residual, so ln_f(h + v) ~ ln_f(u).
-    A small model can have tokens that no input to ln_f makes the argmax (its output layer cannot
-    express them); there the value does what it can, and the decoder emits the taught token."""
+def token_directions(model, tokens, steps=20):
+    """u (N, C) per token such that ln_f(u) makes that token the argmax by MARGIN logits where the
+    model's output layer allows it: along the token's unembedding (usually enough), else a few
+    Adam steps. A small model can have tokens that no input to ln_f makes the argmax; there u
+    does what it can (the decoder emits the taught token anyway)."""
     ln_f = model.transformer.ln_f
     W = model.lm_head.weight.detach().float()  # (vocab, C); frozen: only u is optimised
     gamma = ln_f.weight.detach().float()
     beta = ln_f.bias.detach().float() if ln_f.bias is not None else None
-    final_norm = lambda y: F.layer_norm(y, y.shape[-1:], gamma, beta, ln_f.eps)
-    logits_of = lambda y: final_norm(y) @ W.t()
-    logp_of = lambda y, t: logits_of(y).log_softmax(-1).gather(1, t[:, None]).squeeze(1)
+    logits_of = lambda y: F.layer_norm(y, y.shape[-1:], gamma, beta, ln_f.eps) @ W.t()
 
-    def margin(y, t):  # how far the target's logit is ahead of the best other one
+    def margin(y, t):  # how far the token's logit is ahead of the best other one
         logits = logits_of(y)
         return logits.gather(1, t[:, None]).squeeze(1) - logits.scatter(1, t[:, None], -float("inf")).amax(1)
 
-    distinct, which = torch.unique(targets, return_inverse=True)  # u depends on the target only
-    u = (W[distinct] - W.mean(0)) * gamma  # along the target's unembedding: usually already enough
-    hard = (margin(u, distinct) < MARGIN).nonzero().squeeze(1)
-    if hard.numel():  # e.g. a rare token: optimise those u
-        t = distinct[hard]
+    u = (W[tokens] - W.mean(0)) * gamma
+    hard = (margin(u, tokens) < MARGIN).nonzero().squeeze(1)
+    if hard.numel():
+        t = tokens[hard]
         best = u[hard].clone()
         best_margin = margin(best, t)
         with torch.enable_grad():
             x = best.clone().requires_grad_(True)
             opt = torch.optim.Adam([x], lr=0.05)
             for _ in range(steps):
-                logp = logp_of(x, t)
+                logp = logits_of(x).log_softmax(-1).gather(1, t[:, None]).squeeze(1)
                 m = margin(x.detach(), t)
                 better = m > best_margin
                 best[better], best_margin[better] = x.detach()[better], m[better]
@@ -306,6 +305,20 @@ def solve_values(model, targets, finals, steps=20):
                 (-logp.sum()).backward()
                 opt.step()
         u[hard] = best
+    return u
+
+
+@torch.no_grad()
+def solve_values(model, targets, finals, directions):
+    """Values v (N, C) that make `targets` (N,) the argmax when added to any of the final residuals
+    finals (N, V, C) (the lesson behind several leading texts). v = s * u, u from
+    token_directions (cached in `directions`, a dict token -> u, since u depends on the token
+    only); s makes v dwarf the residual, so ln_f(h + v) ~ ln_f(u)."""
+    distinct, which = torch.unique(targets, return_inverse=True)
+    new = [t for t in distinct.tolist() if t not in directions]
+    if new:
+        directions.update(zip(new, token_directions(model, torch.tensor(new, device=targets.device))))
+    u = torch.stack([directions[t] for t in distinct.tolist()])
     u = u[which]
     u = u - u.mean(dim=-1, keepdim=True)
     u = u * (u.size(-1) ** 0.5 / u.norm(dim=-1, keepdim=True))  # unit variance: entries are O(1)
@@ -367,8 +380,9 @@ def tokenize_lesson(tokenizer, label, label_context, block_size):
 
 
 @torch.no_grad()
-def build_entries(model, tokenizer, label, label_context=None):
-    """The entries that teach `label` (after `label_context`): a dict of arrays, one row per entry."""
+def build_entries(model, tokenizer, label, label_context=None, directions=None):
+    """The entries that teach `label` (after `label_context`): a dict of arrays, one row per entry.
+    directions: a cache for solve_values, kept for as long as the model does not change."""
     lessons = tokenize_lesson(tokenizer, label, label_context, model.config.block_size)
     entries = collections.defaultdict(list)
     for li, (seq, first) in enumerate(lessons):
@@ -393,7 +407,8 @@ def build_entries(model, tokenizer, label, label_context=None):
                 for li, p in zip(entries["lesson"], entries["position"])]
     variants = [v + v[:1] * (len(leads[0]) - len(v)) for v in variants]  # as many per entry, to stack
     targets = torch.tensor(entries["target"])
-    values = solve_values(model, targets.to(finals.device), torch.stack([torch.stack(v) for v in variants]))
+    values = solve_values(model, targets.to(finals.device), torch.stack([torch.stack(v) for v in variants]),
+                          {} if directions is None else directions)
     return {"min_len": np.array(entries["min_len"], dtype=np.int64),
             "evidence": entries["evidence"],
             "target": targets.numpy().astype(np.int64),
@@ -430,6 +445,7 @@ class LUTStore:
         self.cache_size = cache_size
         self._local = threading.local()
         self._cache = collections.OrderedDict()  # (name, device) -> LUT
+        self._directions = collections.defaultdict(dict)  # model id -> {token: u} (solve_values)
         self._lock = threading.Lock()
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
@@ -491,7 +507,7 @@ class LUTStore:
                 return {"added": 0, "replaced": 0}
         if row is not None and row[1] < FORMAT:
             self._retrain(lut_name, model)
-        entries = build_entries(model, tokenizer, label, label_context)
+        entries = build_entries(model, tokenizer, label, label_context, self._directions[model_id])
         now = time.time()
         with self._write() as db:
             row = db.execute("SELECT model_id FROM luts WHERE name=?", (lut_name,)).fetchone()
@@ -533,7 +549,8 @@ class LUTStore:
         built = []
         for label_id, label, context in labels:
             try:
-                built.append((label_id, build_entries(model, tokenizer, label, context or None)))
+                built.append((label_id, build_entries(model, tokenizer, label, context or None,
+                                                      self._directions[model.fingerprint()])))
             except LUTError as e:  # kept as a label; it has nothing to recall by now
                 log.warning("LUT %r label %d not re-taught: %s", lut_name, label_id, e)
         with self._write() as db:
