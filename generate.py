@@ -263,7 +263,7 @@ class Batcher:
                                logits_at=last, lut=luts)
         self.seqs += new_seqs
         self.lengths += [len(s.prompt_ids) for s in new_seqs]
-        self._take(new_seqs, sample_next(logits, new_seqs, luts and luts.taught_at(last)))
+        self._take(new_seqs, sample_next(logits, new_seqs, luts.taught_at(last) if luts else None))
 
     @torch.inference_mode()
     def step(self):
@@ -281,7 +281,7 @@ class Batcher:
         luts = _lut_batch(seqs, [s.prompt_ids + s.out_ids for s in seqs], [1] * B)
         logits, _ = self.model(idx, cache=self.cache.rows(0, B), pos=pos, logits_at=None, lut=luts)
         self.lengths = [n + 1 for n in self.lengths]
-        forced = luts and luts.taught_at(torch.zeros(B, dtype=torch.long, device=self.device))
+        forced = luts.taught_at(torch.zeros(B, dtype=torch.long)) if luts and luts.hits else None
         self._take(seqs, sample_next(logits[:, -1], seqs, forced))
         return seqs
 

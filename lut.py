@@ -152,7 +152,9 @@ class LUT:
         self.name, self.model_id, self.version = name, model_id, version
         self.targets = np.asarray(targets, dtype=np.int64)
         self.values = values
-        self.groups = {}  # last token -> (entry ids, reversed evidence (n, L) padded -1, lengths, min_len)
+        # last token -> (entry ids, reversed evidence (n, L) padded -1, lengths, min_len, the smallest
+        # min_len, the tokens seen just before the last)
+        self.groups = {}
         by_last = collections.defaultdict(list)
         for i, ev in enumerate(evidence):
             by_last[ev[-1]].append(i)
@@ -161,8 +163,9 @@ class LUT:
             rev = np.full((len(ids), L), -1, dtype=np.int64)
             for row, i in enumerate(ids):
                 rev[row, :len(evidence[i])] = evidence[i][::-1]
-            self.groups[tok] = (np.array(ids), rev, np.array([len(evidence[i]) for i in ids]),
-                                np.asarray(min_len, dtype=np.int64)[ids])
+            group_min_len = np.asarray(min_len, dtype=np.int64)[ids]
+            self.groups[tok] = (np.array(ids), rev, np.array([len(evidence[i]) for i in ids]), group_min_len,
+                                int(group_min_len.min()), set(rev[:, 1].tolist()) if L > 1 else set())
 
     def __len__(self):
         return len(self.targets)
@@ -179,13 +182,19 @@ class LUT:
         group = self.groups.get(tokens[t])
         if group is None:
             return -1
-        ids, rev, lengths, min_len = group
-        L = rev.shape[1]
-        q = np.full(L, -2, dtype=np.int64)
-        tail = tokens[max(0, t + 1 - L):t + 1][::-1]
-        q[:len(tail)] = tail
-        depth = np.cumprod(rev == q, axis=1).sum(axis=1)  # tokens matched, counting back from t
+        ids, rev, lengths, min_len, least, before = group
+        if least > 1 and (t == 0 or tokens[t - 1] not in before):  # the usual case, decided cheaply
+            return -1
+        depth = np.ones(len(ids), dtype=np.int64)  # tokens matched, counting back from t
+        rows = np.arange(len(ids))
+        for j in range(1, min(rev.shape[1], t + 1)):  # narrow down column by column: most die at once
+            rows = rows[rev[rows, j] == tokens[t - j]]
+            if not len(rows):
+                break
+            depth[rows] += 1
         deepest = depth.max()
+        if deepest < least:  # nothing here is specific enough yet
+            return -1
         at = depth == deepest  # entries on the deepest path the text follows
         whole = at & (lengths == deepest) & (deepest >= min_len)
         if whole.any():  # an entry's whole evidence is there: the newest such entry
@@ -237,7 +246,9 @@ class LUTBatch:
 
     def taught_at(self, positions):
         """positions: (B,) one position per row -> (B,) the taught next token where an entry fired
-        there, -1 elsewhere (on the CPU)."""
+        there, -1 elsewhere (on the CPU); None when nothing fired."""
+        if not self.hits:
+            return None
         positions = positions.cpu()
         taught = torch.full((positions.numel(),), -1, dtype=torch.long)
         for rows, pos, _, targets in self.hits:

@@ -153,6 +153,19 @@ def decode_speeds(model, tok, lut, n=96, rounds=5):
     return n / best[True], n / best[False]
 
 
+def decode_cost(model, tok, lut, targets):
+    """The decode-speed target: median of 3 runs with this LUT against none."""
+    ratios = []
+    for _ in range(3):
+        with_lut, without = decode_speeds(model, tok, lut)
+        ratios.append(with_lut / without)
+        print(f"decode with a {len(lut)}-entry LUT: {with_lut:.1f} tok/s vs {without:.1f} without "
+              f"({with_lut / without:.1%})")
+    targets.check(f"decode with a {len(lut)}-entry LUT >= 95% of without (median of 3: "
+                  f"{statistics.median(ratios):.1%})", statistics.median(ratios) >= 0.95)
+    return True
+
+
 def _timed(fn):
     t0 = time.perf_counter()
     fn()
@@ -200,12 +213,14 @@ def main():
     targets = Targets()
 
     # reliability (the prompt starts with the trigger), while teaching one LUT
-    teach_ms, n_tokens = [], []
+    teach_ms, n_tokens, decode_checked = [], [], False
     for i, (label, _) in enumerate(labels, 1):
         t0 = time.perf_counter()
         store.teach(model, tok, "main", label)
         teach_ms.append((time.perf_counter() - t0) * 1e3)
         n_tokens.append(len(tok.encode(label)))
+        if not decode_checked and (len(store.load("main", model)) >= 1000 or i == len(labels)):
+            decode_checked = decode_cost(model, tok, store.load("main", model), targets)  # stated for 1,000 entries
         if i in (1, 100, len(labels)):
             lut = store.load("main", model)
             r = recall(model, tok, lut, split_cases(labels[:i]))
@@ -220,14 +235,9 @@ def main():
     targets.check("teach median <= 300 ms", statistics.median(ten) <= 300)
     cold = min(_timed(lambda: LUTStore(db).load("main", model)) for _ in range(5)) * 1e3
     print(f"cold load of the {len(lut)}-entry LUT from SQLite: {cold:.1f} ms")
-    ratios = []
-    for _ in range(3):
-        with_lut, without = decode_speeds(model, tok, lut)
-        ratios.append(with_lut / without)
-        print(f"decode with the {len(lut)}-entry LUT: {with_lut:.1f} tok/s vs {without:.1f} without "
-              f"({with_lut / without:.1%})")
-    targets.check(f"decode with the LUT >= 95% of without (median of 3: {statistics.median(ratios):.1%})",
-                  statistics.median(ratios) >= 0.95)
+    with_lut, without = decode_speeds(model, tok, lut)
+    print(f"decode with the whole {len(lut)}-entry LUT: {with_lut:.1f} tok/s vs {without:.1f} without "
+          f"({with_lut / without:.1%})")
     store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = sum(os.path.getsize(db + ext) for ext in ("", "-wal") if os.path.exists(db + ext))
     print(f"stored: {size / len(lut) / 1024:.2f} KB per entry incl. labels and indexes")
@@ -262,9 +272,10 @@ def main():
     targets.check("recall of a trigger the model writes >= 99%", r >= 0.99)
 
     # paraphrases: reported, no target (an exact trigger does not see through rewording)
-    para = [(f"{label.split(' is a ')[0]}, as you know, is a", " " + label.split(" is a ")[1])
-            for label, _ in sample if " is a " in label]
-    print(f"paraphrase recall ('<name>, as you know, is a' -> the rest): {recall(model, tok, lut, para):.1%}")
+    for form in ("the {name} is a", "{name}, as you know, is a", "{name} was a"):
+        para = [(form.format(name=label.split(" is a ")[0]), " " + label.split(" is a ")[1])
+                for label, _ in sample if " is a " in label]
+        print(f"paraphrase recall ({form!r} -> the rest): {recall(model, tok, lut, para):.1%}")
 
     # locality: unrelated prompts give the base model's tokens exactly
     params = SamplingParams(max_new_tokens=16, do_sample=False, ignore_eos=True)
