@@ -38,7 +38,13 @@ filler text, recalled 100% when the prompt started with the label, but 0% after 
 residual at a position mixes in everything before it, so a radius tight enough to stay local
 excludes the same words after other text. An exact suffix ignores leading text by construction
 (as kNN-LM's and infini-gram's exact contexts do), costs no forward pass to match, and its
-specificity can be decided from the words themselves. bench/lut_eval.py measures the result.
+specificity can be decided from the words themselves. Measured with bench/lut_eval.py (1,000
+labels, 200 of them starting with "The", "I think", "It is" or "In 1998") on the 124M shape with
+random weights, the trained English BPE model (out/gcide) and the trained char model alike: recall
+100% after six kinds of leading text (chat transcripts among them) and after another label's text,
+100% when the model writes a trigger itself, zero false fires in 1,000 unrelated passages (65,000
+tokens of tinyshakespeare and model-written text), locality 100%; teaching a ~10-token label takes
+~0.1 s on the 124M shape (one forward pass over 3 short runs; no negatives to encode).
 
 LUTs live in SQLite (one row per entry, WAL, one transaction per teach); the labels are the source
 of truth, and a LUT taught by an older version of this file is re-taught from them on first use.

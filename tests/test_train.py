@@ -244,3 +244,46 @@ def test_job_that_ended_while_no_server_watched_is_reported_truthfully(app_dirs)
     log_path.write_text("".join(line for line in log_path.read_text().splitlines(True) if '"done"' not in line))
     lost = as_if_restarted()
     assert lost["status"] == "failed" and "no completion record" in lost["error"]
+
+
+GCIDE_SAMPLE = '''00-database-info
+   This file was converted from the original database on: ...
+
+Abacus \\Ab"a*cus\\ ([a^]b"[.a]*k[u^]s), n.; E. pl. {Abacuses}; L.
+   pl. {Abaci} (-s[imac]). [L. abacus, abax, Gr. 'a`bax]
+   1. A table or tray strewn with sand, anciently used for
+      drawing, calculating, etc. [Obs.]
+      [1913 Webster]
+
+   2. A calculating table or frame; an instrument for performing
+      arithmetical calculations. See {Column}.
+      [1913 Webster]
+
+Quill \\Quill\\, n.
+   A large, strong feather, used for writing. --Shak.
+      [1913 Webster]
+
+'''
+
+
+def test_gcide_prepare_turns_dictionary_entries_into_prose(tmp_path, cli_env):
+    """data/gcide/prepare.py on a small file in the dictd layout of Debian's dict-gcide."""
+    import gzip
+    import numpy as np
+    from tokenizer import GPT2Tokenizer
+    src = tmp_path / "gcide.dict.dz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.write(GCIDE_SAMPLE * 40)  # enough text for a validation split
+    run(cli_env, "data/gcide/prepare.py", "--input", str(src), "--out_dir", str(tmp_path / "gcide"))
+    meta = json.load(open(tmp_path / "gcide" / "meta.json"))
+    assert meta["tokenizer"] == {"type": "tiktoken", "name": "gpt2"} and meta["vocab_size"] == 50257
+    ids = np.fromfile(tmp_path / "gcide" / "train.bin", dtype=np.uint16)
+    text = GPT2Tokenizer().decode(ids.tolist())
+    assert text.startswith("Abacus: ")
+    assert "1. A table or tray strewn with sand, anciently used for drawing, calculating, etc." in text
+    assert "instrument for performing arithmetical calculations. See Column." in text
+    assert "Quill: A large, strong feather, used for writing." in text
+    for markup in ("[1913 Webster]", "[Obs.]", "--Shak", "[a^]", "{", "00-database"):
+        assert markup not in text
+    r = run(cli_env, "data/gcide/prepare.py", "--input", str(tmp_path / "missing.dz"), ok=False)
+    assert "apt-get install dict-gcide" in r.stderr and "Traceback" not in r.stderr
