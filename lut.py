@@ -159,7 +159,7 @@ class LUT:
         self.targets = np.asarray(targets, dtype=np.int64)
         self.values = values
         # last token -> (entry ids, reversed evidence (n, L) padded -1, lengths, min_len, the smallest
-        # min_len, the tokens seen just before the last)
+        # min_len k, the set of the entries' last k tokens: text ending otherwise fires nothing here)
         self.groups = {}
         by_last = collections.defaultdict(list)
         for i, ev in enumerate(evidence):
@@ -170,8 +170,9 @@ class LUT:
             for row, i in enumerate(ids):
                 rev[row, :len(evidence[i])] = evidence[i][::-1]
             group_min_len = np.asarray(min_len, dtype=np.int64)[ids]
+            least = int(group_min_len.min())
             self.groups[tok] = (np.array(ids), rev, np.array([len(evidence[i]) for i in ids]), group_min_len,
-                                int(group_min_len.min()), set(rev[:, 1].tolist()) if L > 1 else set())
+                                least, {tuple(evidence[i][-least:]) for i in ids})
 
     def __len__(self):
         return len(self.targets)
@@ -188,8 +189,8 @@ class LUT:
         group = self.groups.get(tokens[t])
         if group is None:
             return -1
-        ids, rev, lengths, min_len, least, before = group
-        if least > 1 and (t == 0 or tokens[t - 1] not in before):  # the usual case, decided cheaply
+        ids, rev, lengths, min_len, least, tails = group
+        if t + 1 < least or tuple(tokens[t + 1 - least:t + 1]) not in tails:  # the usual case, decided cheaply
             return -1
         depth = np.ones(len(ids), dtype=np.int64)  # tokens matched, counting back from t
         rows = np.arange(len(ids))
