@@ -177,7 +177,7 @@ class LUT:
     def __len__(self):
         return len(self.targets)
 
-    def to(self, device, dtype):
+    def to(self, device):
         """Values move to the model's device; they stay float16 (converted per hit) to halve memory."""
         lut = LUT.__new__(LUT)
         lut.__dict__.update(self.__dict__)
@@ -200,8 +200,6 @@ class LUT:
                 break
             depth[rows] += 1
         deepest = depth.max()
-        if deepest < least:  # nothing here is specific enough yet
-            return -1
         at = depth == deepest  # entries on the deepest path the text follows
         whole = at & (lengths == deepest) & (deepest >= min_len)
         if whole.any():  # an entry's whole evidence is there: the newest such entry
@@ -605,7 +603,7 @@ class LUTStore:
             if cached is not None and cached.version == row[2]:
                 self._cache.move_to_end(key)
                 return cached
-        lut = self._read(db, lut_name, row[0], row[2], model.config.n_embd).to(p.device, p.dtype)
+        lut = self._read(db, lut_name, row[0], row[2], model.config.n_embd).to(p.device)
         with self._lock:
             self._cache[key] = lut
             self._cache.move_to_end(key)
