@@ -257,8 +257,7 @@ class Batcher:
         for i, s in enumerate(new_seqs):
             idx[i, :len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
         last = torch.tensor([len(s.prompt_ids) - 1 for s in new_seqs], device=self.device)
-        luts = _lut_batch(new_seqs, [s.prompt_ids for s in new_seqs], [len(s.prompt_ids) for s in new_seqs],
-                          last_only=True)
+        luts = _lut_batch(new_seqs, [len(s.prompt_ids) for s in new_seqs], last_only=True)
         logits, _ = self.model(idx.to(self.device), cache=self.cache.rows(lo, hi), pos=0,
                                logits_at=last, lut=luts)
         self.seqs += new_seqs
@@ -278,7 +277,7 @@ class Batcher:
         self.cache.reserve(max(self.lengths) + 1)
         idx = torch.tensor([[s.out_ids[-1]] for s in seqs], device=self.device)
         pos = self.lengths[0] if len(set(self.lengths)) == 1 else torch.tensor(self.lengths, device=self.device)
-        luts = _lut_batch(seqs, [s.prompt_ids + s.out_ids for s in seqs], [1] * B)
+        luts = _lut_batch(seqs, [1] * B)
         logits, _ = self.model(idx, cache=self.cache.rows(0, B), pos=pos, logits_at=None, lut=luts)
         self.lengths = [n + 1 for n in self.lengths]
         forced = luts.taught_at(torch.zeros(B, dtype=torch.long)) if luts and luts.hits else None
@@ -316,13 +315,13 @@ class Batcher:
                 i += 1
 
 
-def _lut_batch(seqs, tokens, window, last_only=False):
+def _lut_batch(seqs, window, last_only=False):
     """The rows' LUTs, matched against each row's text so far (prompt and output: a trigger the
-    model writes itself fires too)."""
+    model writes itself fires too); window[i] is how many of its last tokens this pass covers."""
     if all(s.lut is None for s in seqs):
         return None
     from lut import LUTBatch
-    return LUTBatch([s.lut for s in seqs], tokens, window, last_only)
+    return LUTBatch([s.lut for s in seqs], [s.prompt_ids + s.out_ids for s in seqs], window, last_only)
 
 
 def generate(model, tokenizer, prompts, params, luts=None, max_batch=8, on_text=None):

@@ -325,9 +325,9 @@ def token_directions(model, tokens, steps=20):
 
 
 @torch.no_grad()
-def solve_values(model, targets, finals, directions):
-    """Values v (N, C) that make `targets` (N,) the argmax when added to any of the final residuals
-    finals (N, V, C) (the lesson behind several leading texts). v = s * u, u from
+def solve_values(model, targets, h_norm, directions):
+    """Values v (N, C) that make `targets` (N,) the argmax when added to a final residual of norm
+    up to h_norm (N,) (the largest seen where the entry was taught). v = s * u, u from
     token_directions (cached in `directions`, a dict token -> u, since u depends on the token
     only); s makes v dwarf the residual, so ln_f(h + v) ~ ln_f(u)."""
     distinct, which = torch.unique(targets, return_inverse=True)
@@ -338,8 +338,7 @@ def solve_values(model, targets, finals, directions):
     u = u[which]
     u = u - u.mean(dim=-1, keepdim=True)
     u = u * (u.size(-1) ** 0.5 / u.norm(dim=-1, keepdim=True))  # unit variance: entries are O(1)
-    h_norm = finals.norm(dim=-1).amax(dim=1, keepdim=True)  # (N, 1)
-    scale = (100 * h_norm / u.norm(dim=-1, keepdim=True)).clamp(max=60000 / u.abs().amax(-1, keepdim=True))
+    scale = (100 * h_norm[:, None] / u.norm(dim=-1, keepdim=True)).clamp(max=60000 / u.abs().amax(-1, keepdim=True))
     return (u * scale).half()  # what is stored is what is used
 
 
@@ -361,7 +360,7 @@ def _encode(tokenizer, text, field):
         raise LUTError(f"{field}: {e}") from None
 
 
-def tokenize_lesson(tokenizer, label, label_context, block_size):
+def tokenize_lesson(tokenizer, label, label_context, block_size, lead):
     """The lesson's spellings as [(tokens, first taught position)]: as written, and, where the
     tokenizer spells it differently, after a space (GPT-2's BPE: "Alice" vs " Alice")."""
     if not isinstance(label, str) or not label.strip():
@@ -378,7 +377,6 @@ def tokenize_lesson(tokenizer, label, label_context, block_size):
         raise LUTError(f"label is {len(ids)} tokens; at most {MAX_LABEL_TOKENS}", 413)
     if len(ctx) > MAX_CONTEXT_TOKENS:
         raise LUTError(f"label_context is {len(ctx)} tokens; at most {MAX_CONTEXT_TOKENS}", 413)
-    lead = max(len(encode_known(tokenizer, c)) for leads in TEACH_LEADS for c in leads)
     if len(ctx) + len(ids) + lead + 1 > block_size:
         raise LUTError(f"label_context plus label exceed the model's context of {block_size} tokens", 413)
     if not ctx and len(ids) < 2:
@@ -399,7 +397,9 @@ def tokenize_lesson(tokenizer, label, label_context, block_size):
 def build_entries(model, tokenizer, label, label_context=None, directions=None):
     """The entries that teach `label` (after `label_context`): a dict of arrays, one row per entry.
     directions: a cache for solve_values, kept for as long as the model does not change."""
-    lessons = tokenize_lesson(tokenizer, label, label_context, model.config.block_size)
+    leads = [[encode_known(tokenizer, c) for c in texts] for texts in TEACH_LEADS]
+    lessons = tokenize_lesson(tokenizer, label, label_context, model.config.block_size,
+                              max(len(lead) for texts in leads for lead in texts))
     entries = collections.defaultdict(list)
     for li, (seq, first) in enumerate(lessons):
         for p, min_len in zip(range(first, len(seq) - 1),
@@ -413,18 +413,16 @@ def build_entries(model, tokenizer, label, label_context=None, directions=None):
     if not entries:
         raise LUTError("label has no part specific enough to recall it by (only common words); "
                        "add a rarer word or give a label_context")
-    # each spelling behind its leads (one spelling: all leads); the value must win in every run
-    leads = [[encode_known(tokenizer, c) for c in texts] for texts in TEACH_LEADS]
+    # each spelling behind its leads (one spelling: all leads); the value must dwarf the residual
+    # of every run
     if len(lessons) == 1:
         leads = [leads[0] + leads[1]]
     runs = [(li, lead) for li in range(len(lessons)) for lead in leads[li]]
-    finals = final_residuals(model, [lead + lessons[li][0] for li, lead in runs])
-    variants = [[finals[r, len(lead) + p] for r, (run_li, lead) in enumerate(runs) if run_li == li]
-                for li, p in zip(entries["lesson"], entries["position"])]
-    variants = [v + v[:1] * (len(leads[0]) - len(v)) for v in variants]  # as many per entry, to stack
+    norms = final_residuals(model, [lead + lessons[li][0] for li, lead in runs]).norm(dim=-1)  # (runs, T)
+    h_norm = torch.stack([max(norms[r, len(lead) + p] for r, (run_li, lead) in enumerate(runs) if run_li == li)
+                          for li, p in zip(entries["lesson"], entries["position"])])
     targets = torch.tensor(entries["target"])
-    values = solve_values(model, targets.to(finals.device), torch.stack([torch.stack(v) for v in variants]),
-                          {} if directions is None else directions)
+    values = solve_values(model, targets.to(h_norm.device), h_norm, {} if directions is None else directions)
     return {"min_len": np.array(entries["min_len"], dtype=np.int64),
             "evidence": entries["evidence"],
             "target": targets.numpy().astype(np.int64),
@@ -562,11 +560,11 @@ class LUTStore:
         labels = self._db().execute("SELECT id, label, context FROM labels WHERE lut=? ORDER BY id",
                                     (lut_name,)).fetchall()
         log.info("re-teaching LUT %r (%d labels) in the current format", lut_name, len(labels))
+        directions = self._directions[model.fingerprint()]
         built = []
         for label_id, label, context in labels:
             try:
-                built.append((label_id, build_entries(model, tokenizer, label, context or None,
-                                                      self._directions[model.fingerprint()])))
+                built.append((label_id, build_entries(model, tokenizer, label, context or None, directions)))
             except LUTError as e:  # kept as a label; it has nothing to recall by now
                 log.warning("LUT %r label %d not re-taught: %s", lut_name, label_id, e)
         with self._write() as db:
