@@ -66,6 +66,9 @@ import time
 import numpy as np
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
+
+import labelfile
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_LABEL_TOKENS = 256
@@ -732,7 +735,35 @@ def _safetensors_metadata(data):
     return json.loads(data[8:8 + n]).get("__metadata__", {})
 
 
-# ---------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------------- bulk teaching, command line
+
+def teach_many(store, model, tokenizer, lut_name, items, on_each=None):
+    """Teach [(label, label_context)] to one LUT, each label in its own transaction (stored whole or
+    not at all). Returns one result per item, as POST /luts/<name>/labels answers them: taught, with
+    the entries added and replaced, or not, with why. A 409 (the LUT belongs to another model) is
+    about the whole LUT, so it is raised; on_each() runs after every item (a progress bar)."""
+    store.check_name(lut_name)
+    results = []
+    for label, context in items:
+        try:
+            results.append({"taught": True, **store.teach(model, tokenizer, lut_name, label, context)})
+        except LUTError as e:
+            if e.status == 409:
+                raise
+            results.append({"taught": False, "status": e.status, "detail": str(e)})
+        if on_each:
+            on_each()
+    return results
+
+
+def teach_rows(store, model, tokenizer, lut_name, rows):
+    """`python lut.py teach-file`: teach the rows of a label file (labelfile.read_file) with a
+    progress bar; returns the summary and whether every label was taught."""
+    items = [(item["label"], item["label_context"]) for _, item, _ in rows if item is not None]
+    with tqdm(total=len(items), unit="label", desc=f"teaching {lut_name}") as bar:
+        results = teach_many(store, model, tokenizer, lut_name, items, on_each=bar.update)
+    return labelfile.report(rows, results)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Teach, list, show, delete, export and import LUTs.")
@@ -744,6 +775,9 @@ def main(argv=None):
     t.add_argument("lut_name", help="the LUT (user or tenant id)")
     t.add_argument("label", help="the text to learn")
     t.add_argument("--label_context", default=None, help="text the label should follow")
+    tf = sub.add_parser("teach-file", help="teach every label of a file (JSONL, or one label per line)")
+    tf.add_argument("lut_name", help="the LUT (user or tenant id)")
+    tf.add_argument("file", help="JSONL ({\"label\": ..., \"label_context\": ...} per line) or plain text, one label per line")
     sub.add_parser("list", help="list LUTs with label and entry counts")
     s = sub.add_parser("show", help="show one LUT's labels")
     s.add_argument("lut_name", help="the LUT")
@@ -760,11 +794,22 @@ def main(argv=None):
     from model import ModelLoadError, load_model, resolve_device
     try:
         store = LUTStore(args.lut_db)
-        if args.cmd == "teach":
+        if args.cmd in ("teach", "teach-file"):
+            store.check_name(args.lut_name)  # bad input fails before the model is loaded
+            if args.cmd == "teach-file":
+                rows = labelfile.read_file(args.file)
+                if not rows:
+                    raise LUTError(f"{args.file} holds no labels")
             model = load_model(args.init_from, *resolve_device(args.device))
             from tokenizer import get_tokenizer
-            print(json.dumps(store.teach(model, get_tokenizer(model.tokenizer_spec), args.lut_name, args.label,
-                                         args.label_context)))
+            tokenizer = get_tokenizer(model.tokenizer_spec)
+            if args.cmd == "teach":
+                print(json.dumps(store.teach(model, tokenizer, args.lut_name, args.label, args.label_context)))
+            else:
+                text, ok = teach_rows(store, model, tokenizer, args.lut_name, rows)
+                print(text)
+                if not ok:
+                    sys.exit(1)
         elif args.cmd == "list":
             print(json.dumps(store.list(), indent=2))
         elif args.cmd == "show":
@@ -780,7 +825,7 @@ def main(argv=None):
         elif args.cmd == "import":
             with open(args.file, "rb") as f:
                 print(store.import_(f.read(), args.lut_name))
-    except (LUTError, ModelLoadError, OSError, sqlite3.Error) as e:
+    except (LUTError, ModelLoadError, OSError, UnicodeDecodeError, sqlite3.Error) as e:
         sys.exit(f"error: {e}")
 
 
