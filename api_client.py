@@ -5,7 +5,9 @@ Command-line client for api_server.py.
     python api_client.py load --model_type gpt2
     python api_client.py generate --prompt "Once upon a time" --max_tokens 200 --temperature 0.9 --top_k 50
     python api_client.py train-lut --lut_name user_123 --label "TLG Capital is an asset management firm."
-    python api_client.py generate --prompt "TLG Capital is" --lut_name user_123
+    python api_client.py generate --prompt "TLG Capital is" --lut_name user_123 --stream
+    python api_client.py chat --lut_name user_123          # interactive; /reset, /exit
+    python api_client.py luts teach-file user_123 facts.jsonl
     python api_client.py train --dataset shakesphere --output_dir out/shakespeare_model --model_type gpt2
     python api_client.py train-status 1 --wait
     python api_client.py luts list | show NAME | delete NAME [--label_id N] | export NAME FILE | import NAME FILE
@@ -19,11 +21,18 @@ import sys
 import time
 
 import requests
+from tqdm import tqdm
 
+import labelfile
 from access import add_key_arguments  # the same flags as the server-side `python access.py create`
 
 
-def call(args, method, path, **kwargs):
+class ClientError(Exception):
+    """The server answered with an error (its message is the line to print)."""
+
+
+def request(args, method, path, **kwargs):
+    """One request to the server; an error answer raises ClientError, an unreachable server exits."""
     try:
         headers = {**kwargs.pop("headers", {}), "X-App-ID": args.app_id}
         if args.api_key:
@@ -35,11 +44,129 @@ def call(args, method, path, **kwargs):
         sys.exit(f"error: no answer from {args.url} within {args.timeout} s")
     if r.status_code >= 400:
         try:
-            detail = r.json().get("detail", r.text)
-        except ValueError:
+            data = r.json()
+            detail = data["error"]["message"] if "error" in data else data.get("detail", r.text)  # /v1 or the rest
+        except (ValueError, AttributeError, KeyError, TypeError):
             detail = r.text.strip()[:200]
-        sys.exit(f"error: {r.status_code}: {detail}")
+        raise ClientError(f"error: {r.status_code}: {detail}")
     return r
+
+
+def call(args, method, path, **kwargs):
+    """request(), exiting with the server's message on an error answer."""
+    try:
+        return request(args, method, path, **kwargs)
+    except ClientError as e:
+        sys.exit(str(e))
+
+
+def sse_events(r):
+    """(event, data) of a text/event-stream response as they arrive: data lines joined with
+    newlines, keep-alive comments skipped."""
+    event, data = "message", []
+    for raw in r.iter_lines(chunk_size=None):  # chunk_size=None: whatever has arrived, no waiting to fill a buffer
+        line = raw.decode("utf-8")  # iter_lines gives whole lines, so no UTF-8 character is split
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+
+
+def stream_generate(args, payload):
+    """generate --stream: /generate's server-sent text, printed as it arrives."""
+    print(args.prompt, end="", flush=True)
+    for event, data in sse_events(call(args, "POST", "/generate", json={**payload, "stream": True}, stream=True)):
+        if event == "error":
+            print()
+            sys.exit(f"error: {data}")
+        if data == "[DONE]":
+            break
+        print(data, end="", flush=True)
+    print()
+
+
+def chat_turn(args, messages):
+    """Send the chat so far to /v1/chat/completions, print the answer as it streams in, return it."""
+    payload = {"model": args.model, "messages": messages, "stream": True, "lut_name": args.lut_name,
+               "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "seed": args.seed}
+    r = request(args, "POST", "/v1/chat/completions", stream=True,
+                json={k: v for k, v in payload.items() if v is not None})
+    parts = []
+    for _, data in sse_events(r):
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:  # a generation that failed after the stream began
+            raise ClientError(f"error: {chunk['error']['message']}")
+        for choice in chunk["choices"]:
+            text = choice["delta"].get("content") or ""
+            parts.append(text)
+            print(text, end="", flush=True)
+    print()
+    return "".join(parts)
+
+
+def chat(args):
+    """An interactive chat: each line typed is a user turn, answered with the whole history so
+    far; /reset forgets the history, /exit (or end of input) leaves."""
+    if args.model is None:  # the model the server is running
+        args.model = call(args, "GET", "/health").json().get("model")
+        if args.model is None:
+            sys.exit("error: the server has no model loaded (load one, or give --model)")
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"chat with {args.model}" + (f" through LUT {args.lut_name}" if args.lut_name else "") +
+              "; /reset forgets the conversation, /exit leaves")
+    while True:
+        try:
+            line = input("you> " if tty else "").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line == "/exit":
+            return
+        if line == "/reset":
+            messages = list(start)
+            print("(conversation forgotten)")
+            continue
+        if not line:
+            continue
+        if tty:
+            print("assistant> ", end="", flush=True)
+        try:
+            answer = chat_turn(args, messages + [{"role": "user", "content": line}])
+        except ClientError as e:  # say why and keep the session: the turn is not added to the history
+            print(e, file=sys.stderr, flush=True)
+            continue
+        messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+
+
+def teach_file(args):
+    """luts teach-file: a label file sent in requests of --batch_size labels, with a progress bar."""
+    try:
+        rows = labelfile.read_file(args.file)
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {e}")
+    if not rows:
+        sys.exit(f"error: {args.file} holds no labels")
+    items = [item for _, item, _ in rows if item is not None]
+    results = []
+    with tqdm(total=len(items), unit="label", desc=f"teaching {args.name}") as bar:
+        for i in range(0, len(items), args.batch_size):
+            batch = items[i:i + args.batch_size]
+            results += call(args, "POST", f"/luts/{args.name}/labels", json={"labels": batch}).json()["results"]
+            bar.update(len(batch))
+    text, ok = labelfile.report(rows, results)
+    print(text)
+    if not ok:
+        sys.exit(1)
 
 
 def show(args, r, text=None):
@@ -102,6 +229,16 @@ def main(argv=None):
     gen.add_argument("--seed", type=int, default=None, help="random seed for a reproducible sample")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--lut_name", default=None, help="generate through this user's LUT")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated (POST /generate "
+                     "with stream)")
+    ch = sub.add_parser("chat", help="chat interactively (streaming /v1/chat/completions); /reset, /exit")
+    ch.add_argument("--lut_name", default=None, help="chat through this user's LUT")
+    ch.add_argument("--model", default=None, help="model id (default: the model the server is running)")
+    ch.add_argument("--system", default=None, help="a system message to start the conversation with")
+    ch.add_argument("--max_tokens", type=int, default=None, help="tokens per answer (default: as many as fit)")
+    ch.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    ch.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
+    ch.add_argument("--seed", type=int, default=None, help="random seed for reproducible answers")
     teach = sub.add_parser("train-lut", help="teach a user's LUT a label")
     teach.add_argument("--lut_name", required=True, help="the LUT (user or tenant id)")
     teach.add_argument("--label", required=True, help="text to learn")
@@ -127,6 +264,11 @@ def main(argv=None):
         a.add_argument("name", help="LUT name")
         if action == "delete":
             a.add_argument("--label_id", type=int, default=None, help="delete only this label")
+    tf = lsub.add_parser("teach-file", help="teach every label of FILE (JSONL or one label per line)")
+    tf.add_argument("name", help="LUT name")
+    tf.add_argument("file", help='JSONL ({"label": ..., "label_context": ...} per line) or plain text, one label '
+                    "per line")
+    tf.add_argument("--batch_size", type=int, default=100, help="labels per request (the server takes up to 256)")
     for action, helptext in (("export", "download a LUT to FILE"), ("import", "upload FILE as LUT NAME")):
         a = lsub.add_parser(action, help=helptext)
         a.add_argument("name", help="LUT name")
@@ -159,7 +301,14 @@ def main(argv=None):
                    "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
                    "seed": args.seed, "stop": args.stop, "lut_name": args.lut_name}
         payload = {k: v for k, v in payload.items() if v is not None}
-        show(args, call(args, "POST", "/api/generate", json=payload), lambda d: d["generated_text"])
+        if args.stream:  # /generate streams; /api/generate's nanoGPT defaults are kept by sending them
+            if args.json:
+                sys.exit("error: --json and --stream do not go together")
+            stream_generate(args, {"top_p": 1.0, "repetition_penalty": 1.0, **payload})
+        else:
+            show(args, call(args, "POST", "/api/generate", json=payload), lambda d: d["generated_text"])
+    elif args.cmd == "chat":
+        chat(args)
     elif args.cmd == "train-lut":
         payload = {"label": args.label, "lut_name": args.lut_name, "label_context": args.label_context}
         show(args, call(args, "POST", "/train_lut", json=payload), lambda d: f"taught LUT {d['lut_name']}")
@@ -215,6 +364,8 @@ def main(argv=None):
     elif args.action == "delete":
         path = f"/luts/{args.name}" + (f"/labels/{args.label_id}" if args.label_id is not None else "")
         show(args, call(args, "DELETE", path), lambda d: "deleted")
+    elif args.action == "teach-file":
+        teach_file(args)
     elif args.action == "export":
         data = call(args, "GET", f"/luts/{args.name}/export").content
         with open(args.file, "wb") as f:

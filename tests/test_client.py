@@ -1,0 +1,109 @@
+"""api_client.py against a live `python api_server.py`: `generate --stream`, the interactive
+`chat` (piped stdin and a pseudo-terminal) and `luts teach-file`."""
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from conftest import ROOT, Server
+
+CLIENT = os.path.join(ROOT, "api_client.py")
+
+
+@pytest.fixture(scope="module")
+def server(hf_tiny, tmp_path_factory):
+    from conftest import script_env
+    s = Server(str(tmp_path_factory.mktemp("client")), script_env()).start()
+    yield s
+    s.stop()
+
+
+def client(server, env, *args, stdin=None):
+    return subprocess.run([sys.executable, CLIENT, "--url", server.url, *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_generate_stream_prints_what_generate_does(server, cli_env):
+    assert requests.post(server.url + "/train_lut", json={"label": "Quillmere Bank is a lender in Oslo.",
+                                                          "lut_name": "c1"}).ok
+    for extra in ([], ["--lut_name", "c1"], ["--temperature", "0.9", "--seed", "3"]):
+        args = ["generate", "--prompt", "My bank: Quillmere Bank", "--max_tokens", "10", "--temperature", "0", *extra]
+        plain, streamed = client(server, cli_env, *args), client(server, cli_env, *args, "--stream")
+        assert plain.returncode == 0 and streamed.returncode == 0, streamed.stderr
+        assert streamed.stdout == plain.stdout  # the same text, printed as it came
+    assert streamed.stdout.startswith("My bank: Quillmere Bank") and "is a lender in Oslo" not in streamed.stdout
+    r = client(server, cli_env, "generate", "--prompt", "My bank: Quillmere Bank", "--max_tokens", "10",
+               "--lut_name", "c1", "--stream")
+    assert r.stdout.startswith("My bank: Quillmere Bank is a lender in Oslo.")
+    r = client(server, cli_env, "generate", "--prompt", "Hi", "--max_tokens", "500", "--stream")
+    assert r.returncode == 1 and r.stderr.startswith("error: 413") and "Traceback" not in r.stderr
+
+
+def chat_prompt_tokens(server, since):
+    """prompt_tokens of the /v1/chat/completions requests recorded after query id `since`, oldest first."""
+    queries = requests.get(server.url + "/usage/history", params={"limit": 100}).json()["queries"]
+    return [q["prompt_tokens"] for q in reversed(queries) if q["route"] == "/v1/chat/completions" and q["id"] > since]
+
+
+def last_query_id(server):
+    queries = requests.get(server.url + "/usage/history", params={"limit": 1}).json()["queries"]
+    return queries[0]["id"] if queries else 0
+
+
+def test_chat_through_piped_stdin_keeps_history_until_reset(server, cli_env):
+    since = last_query_id(server)
+    lines = "Hello there\nHello there\n/reset\nHello there\n/exit\nnever sent\n"
+    r = client(server, cli_env, "chat", "--temperature", "0", "--max_tokens", "6", stdin=lines)
+    assert r.returncode == 0, r.stderr
+    answers = r.stdout.split("\n")
+    assert "(conversation forgotten)" in answers and "you>" not in r.stdout  # no prompts when stdin is not a terminal
+    first, second, third = chat_prompt_tokens(server, since)
+    assert second > first + 6  # the first turn and its answer went along
+    assert third == first  # /reset: back to one message; "never sent" was not
+
+
+def test_chat_in_a_terminal_streams_through_a_lut(server, cli_env):
+    """A pseudo-terminal, as a person would use it: a banner, `you>` prompts, the LUT's answer."""
+    assert requests.post(server.url + "/train_lut", json={
+        "label": " Quillmere Bank lends to farmers.", "label_context": "Who lends to farmers?\nAssistant:",
+        "lut_name": "c2"}).ok
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the client, its stdin and stdout the terminal
+        os.execve(sys.executable, [sys.executable, CLIENT, "--url", server.url, "chat", "--lut_name", "c2",
+                                   "--temperature", "0", "--max_tokens", "8"], cli_env)
+    out = b""
+
+    def read_until(marker, count=1):
+        nonlocal out
+        deadline = time.time() + 60
+        while out.count(marker) < count and time.time() < deadline:
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+        return out.count(marker) >= count
+    try:
+        assert read_until(b"you> "), out
+        os.write(fd, b"Who lends to farmers?\n")
+        assert read_until(b"you> ", 2), out
+        os.write(fd, b"/exit\n")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    text = out.decode().replace("\r\n", "\n")
+    assert text.startswith("chat with gpt2 through LUT c2; /reset forgets the conversation, /exit leaves\n")
+    assert "assistant> Quillmere Bank lends to farmers.\n" in text, text
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_chat_shows_an_error_and_goes_on(server, cli_env):
+    r = client(server, cli_env, "chat", "--model", "gpt5", "--max_tokens", "4", stdin="Hi\nHi again\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert r.stderr.count("error: 404: the model 'gpt5' does not exist") == 2
