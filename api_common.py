@@ -1,13 +1,22 @@
 """
-What the server's route modules (api_server.py, openai_api.py) share: the API error, request
-parsing that names the field at fault, sampling settings, usage counts, server-sent events and
-the chat transcript template.
+What the server's route modules (api_server.py and its blueprints: lut_api.py, nanogpt_api.py,
+locallab_api.py, tgi_api.py, openai_api.py, keys_api.py, luts_api.py) share: the app's service,
+the API error, request parsing that names the field at fault, sampling settings, usage counts,
+server-sent events, the chat transcript template, and paths confined to the models directory.
 """
+import json
+import os
 import time
 
-from flask import Response, request
+from flask import Response, current_app, request
 
 from generate import GenerationError, SamplingParams
+from model import find_checkpoint
+
+
+def service():
+    """The app's api_server.Service (model slot, LUT store, trainer, access), set by create_app."""
+    return current_app.extensions["gpt"]
 
 
 class APIError(Exception):
@@ -144,3 +153,38 @@ def chat_prompt(messages, continue_final=False):
 
 
 CHAT_STOP = ["\nUser:", "\nSystem:", "\nAssistant:"]
+
+
+# ------------------------------------------------------------------------ models directory
+
+def inside(path, root, name):
+    """A client's path (relative to the server's working directory) resolved, links and '..'
+    included, only if it lies inside root: no request reaches files elsewhere."""
+    full = os.path.realpath(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
+    if not full.startswith(os.path.realpath(root) + os.sep):
+        raise APIError(400, f"{name} must be inside the models directory ({root})")
+    return full
+
+
+def resolve_model_path(model_path, models_dir):
+    path = find_checkpoint(inside(model_path, models_dir, "model_path"))
+    if not os.path.isfile(path):
+        raise APIError(404, f"no checkpoint at model_path {model_path!r}")
+    return path
+
+
+def trained_models(models_dir):
+    """Checkpoints under models_dir (out/<name>/ckpt.pt, at any depth) with their training config."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(models_dir):
+        dirnames.sort()
+        if "ckpt.pt" in filenames:
+            config = {}
+            try:
+                with open(os.path.join(dirpath, "train_config.json")) as f:
+                    config = json.load(f)
+            except (OSError, ValueError):
+                pass
+            found.append({"name": os.path.relpath(dirpath, models_dir),
+                          "path": os.path.relpath(os.path.join(dirpath, "ckpt.pt")), "config": config})
+    return found

@@ -14,8 +14,12 @@ import json
 import time
 import uuid
 
-from api_common import APIError, CHAT_STOP, body, chat_prompt, field, live_deltas, sampling, sse, usage
+from flask import Blueprint
+
+from api_common import APIError, CHAT_STOP, body, chat_prompt, field, live_deltas, sampling, service, sse, usage
 from model import PRETRAINED
+
+bp = Blueprint("openai_api", __name__)
 
 AS_MANY_AS_FIT = 1 << 20  # chat's default max_tokens: cut to what the context leaves
 OPENAI_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, do_sample=True)
@@ -29,70 +33,74 @@ CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "max_completion_token
 NEUTRAL = {"best_of": (1,), "suffix": ("",), "logit_bias": ({},), "response_format": ({"type": "text"},)}
 
 
-def register(app, svc):
-    cfg = svc.cfg
+@bp.get("/v1/models")
+def v1_models():
+    svc = service()
+    return {"object": "list", "data": [model_card(mid, svc) for mid in svc.registry()]}
 
-    @app.get("/v1/models")
-    def v1_models():
-        return {"object": "list", "data": [model_card(mid, svc) for mid in svc.registry()]}
 
-    @app.get("/v1/models/<path:model_id>")
-    def v1_model(model_id):
-        if model_id not in svc.registry():
-            raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
-        return model_card(model_id, svc)
+@bp.get("/v1/models/<path:model_id>")
+def v1_model(model_id):
+    svc = service()
+    if model_id not in svc.registry():
+        raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+    return model_card(model_id, svc)
 
-    @app.post("/v1/completions")
-    def v1_completions():
-        data = request_body(COMPLETION_FIELDS)
-        model_id = use_model(svc, data)
-        prompts = prompt_list(data.get("prompt"))
-        echo = field(data, "echo", bool, False)
-        logprobs = field(data, "logprobs", int)
-        if echo and logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported: prompt log-probabilities are not computed",
-                           param="echo")
-        params, n, lut_name, stream, include_usage = request_settings(data, 16, logprobs, cfg)
-        runs = submit_all(svc, prompts, n, params, lut_name)
-        reply = Reply("cmpl", "text_completion", model_id)
-        if stream:
-            return sse(completion_events(runs, n, reply, include_usage, echo, svc), *[job for job, _, _ in runs])
-        seqs = wait_all(svc, runs)
-        tok = svc.slot.tokenizer
-        choices = [{"index": i, "text": (prompt_text(p, tok) if echo else "") + s.text,
-                    "logprobs": legacy_logprobs(s, tok) if logprobs is not None else None,
-                    "finish_reason": finish_reason(s)} for i, (s, (_, _, p)) in enumerate(zip(seqs, runs))]
-        return reply.body(choices=choices, usage=run_usage(runs, seqs, n))
 
-    @app.post("/v1/chat/completions")
-    def v1_chat_completions():
-        data = request_body(CHAT_FIELDS)
-        model_id = use_model(svc, data)
-        continued = data.get("continue_final_message", False)
-        prompt = chat_prompt(data.get("messages"), continued)
-        if data.get("max_completion_tokens") is not None:  # newer clients' name for max_tokens
-            if data.get("max_tokens") is not None:
-                raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
-            data = {**data, "max_tokens": data["max_completion_tokens"]}
-        want_logprobs = field(data, "logprobs", bool, False)
-        top = field(data, "top_logprobs", int)
-        if top is not None and not want_logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        # No max_tokens: as much as the context leaves, as OpenAI does; an explicit one is exact.
-        fit = data.get("max_tokens") is None
-        params, n, lut_name, stream, include_usage = request_settings(
-            {**data, "logprobs": None}, AS_MANY_AS_FIT, (top or 0) if want_logprobs else None, cfg)
-        params = dataclasses.replace(params, stop=params.stop + CHAT_STOP)
-        runs = submit_all(svc, [prompt], n, params, lut_name, fit)
-        reply = Reply("chatcmpl", "chat.completion", model_id)
-        if stream:
-            return sse(chat_events(runs, n, reply, include_usage, svc, continued), *[job for job, _, _ in runs])
-        seqs = wait_all(svc, runs)
-        tok = svc.slot.tokenizer
-        choices = [{"index": i, "message": {"role": "assistant", "content": s.text if continued else s.text.lstrip()},
-                    "logprobs": chat_logprobs(s, tok) if want_logprobs else None,
-                    "finish_reason": finish_reason(s)} for i, s in enumerate(seqs)]
-        return reply.body(choices=choices, usage=run_usage(runs, seqs, n))
+@bp.post("/v1/completions")
+def v1_completions():
+    svc = service()
+    data = request_body(COMPLETION_FIELDS)
+    model_id = use_model(svc, data)
+    prompts = prompt_list(data.get("prompt"))
+    echo = field(data, "echo", bool, False)
+    logprobs = field(data, "logprobs", int)
+    if echo and logprobs is not None:
+        raise APIError(400, "echo with logprobs is not supported: prompt log-probabilities are not computed",
+                       param="echo")
+    params, n, lut_name, stream, include_usage = request_settings(data, 16, logprobs, svc.cfg)
+    runs = submit_all(svc, prompts, n, params, lut_name)
+    reply = Reply("cmpl", "text_completion", model_id)
+    if stream:
+        return sse(completion_events(runs, n, reply, include_usage, echo, svc), *[job for job, _, _ in runs])
+    seqs = wait_all(svc, runs)
+    tok = svc.slot.tokenizer
+    choices = [{"index": i, "text": (prompt_text(p, tok) if echo else "") + s.text,
+                "logprobs": legacy_logprobs(s, tok) if logprobs is not None else None,
+                "finish_reason": finish_reason(s)} for i, (s, (_, _, p)) in enumerate(zip(seqs, runs))]
+    return reply.body(choices=choices, usage=run_usage(runs, seqs, n))
+
+
+@bp.post("/v1/chat/completions")
+def v1_chat_completions():
+    svc = service()
+    data = request_body(CHAT_FIELDS)
+    model_id = use_model(svc, data)
+    continued = data.get("continue_final_message", False)
+    prompt = chat_prompt(data.get("messages"), continued)
+    if data.get("max_completion_tokens") is not None:  # newer clients' name for max_tokens
+        if data.get("max_tokens") is not None:
+            raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
+        data = {**data, "max_tokens": data["max_completion_tokens"]}
+    want_logprobs = field(data, "logprobs", bool, False)
+    top = field(data, "top_logprobs", int)
+    if top is not None and not want_logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    # No max_tokens: as much as the context leaves, as OpenAI does; an explicit one is exact.
+    fit = data.get("max_tokens") is None
+    params, n, lut_name, stream, include_usage = request_settings(
+        {**data, "logprobs": None}, AS_MANY_AS_FIT, (top or 0) if want_logprobs else None, svc.cfg)
+    params = dataclasses.replace(params, stop=params.stop + CHAT_STOP)
+    runs = submit_all(svc, [prompt], n, params, lut_name, fit)
+    reply = Reply("chatcmpl", "chat.completion", model_id)
+    if stream:
+        return sse(chat_events(runs, n, reply, include_usage, svc, continued), *[job for job, _, _ in runs])
+    seqs = wait_all(svc, runs)
+    tok = svc.slot.tokenizer
+    choices = [{"index": i, "message": {"role": "assistant", "content": s.text if continued else s.text.lstrip()},
+                "logprobs": chat_logprobs(s, tok) if want_logprobs else None,
+                "finish_reason": finish_reason(s)} for i, s in enumerate(seqs)]
+    return reply.body(choices=choices, usage=run_usage(runs, seqs, n))
 
 
 # ------------------------------------------------------------------------ requests

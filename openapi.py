@@ -41,7 +41,7 @@ OPENAI = dict(model=STR, max_tokens=INT, temperature=NUM, top_p=NUM, n=INT, stop
 PROMPT = {"oneOf": [STR, {"type": "array", "items": STR}, {"type": "array", "items": INT},
                     {"type": "array", "items": {"type": "array", "items": INT}}]}
 
-# endpoint -> (tag, summary, request body schema or None, query parameters {name: schema})
+# endpoint's function name -> (tag, summary, request body schema or None, query parameters {name: schema})
 ROUTES = {
     "health": ("seed 000", "Liveness, and whether a model is loaded", None, {}),
     "train_lut": ("seed 000", "Teach a user's LUT a label", obj(["label", "lut_name"], label=STR,
@@ -107,15 +107,16 @@ def build(app, title, version):
     """The OpenAPI document of every route app serves."""
     paths = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        assert rule.endpoint in ROUTES, f"route {rule.rule} ({rule.endpoint}) is not described in openapi.ROUTES"
-        tag, summary, body, query = ROUTES[rule.endpoint]
+        name = rule.endpoint.rpartition(".")[2]  # a blueprint's routes by function name: stable operationIds
+        assert name in ROUTES, f"route {rule.rule} ({rule.endpoint}) is not described in openapi.ROUTES"
+        tag, summary, body, query = ROUTES[name]
         path = PARAM.sub(lambda m: "{" + m.group(2) + "}", rule.rule)
         params = [{"name": name, "in": "path", "required": True,
                    "schema": INT if conv == "int" else {"type": "string", "minLength": 1}}
                   for conv, name in PARAM.findall(rule.rule)]
         params += [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in query.items()]
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            op = {"tags": [tag], "summary": summary, "operationId": rule.endpoint, "parameters": params,
+            op = {"tags": [tag], "summary": summary, "operationId": name, "parameters": params,
                   "responses": {"200": {"description": "success"},
                                 "default": {"description": "an error: {detail} ({error: {...}} under /v1)",
                                             "content": {"application/json": {"schema": ERROR}}}}}
@@ -124,7 +125,7 @@ def build(app, title, version):
                     "schema": {"type": "string", "format": "binary"}}}}
             elif body is not None:
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-            if rule.endpoint in PUBLIC:
+            if name in PUBLIC:
                 op["security"] = []
             paths.setdefault(path, {})[method.lower()] = op
     return {"openapi": "3.0.3",

@@ -1,0 +1,154 @@
+"""
+Seed 004's hosted-API side: API keys (POST /keys, GET /keys, DELETE /keys/<key_id>), usage
+(GET /usage, GET /usage/history) and the public model list (GET /public/models); and, for every
+request of the app, the checks that keys imply (body size, key, rate limit, admin routes, LUT
+ownership) before it runs and its record in the query history after.
+"""
+import json
+import logging
+import time
+
+from flask import Blueprint, g, jsonify, request
+
+from api_common import APIError, body, field, service
+from model import PRETRAINED
+
+log = logging.getLogger("api_server")
+bp = Blueprint("keys_api", __name__)
+
+PUBLIC_PATHS = ("/health", "/public/models", "/openapi.json", "/docs")  # open even with API keys
+# Endpoints by function name (the blueprint's name left off, as in the OpenAPI operationIds).
+ADMIN_ENDPOINTS = {"load_model_route", "models_load", "models_unload", "models_start", "models_stop", "api_train",
+                   "api_train_cancel", "create_key", "list_keys", "revoke_key"}
+
+
+# ---- every request: body size, API key, rate limit, admin routes, LUT ownership; then history
+
+@bp.before_app_request
+def check_request():
+    cfg, access = service().cfg, service().access
+    g.started, g.jobs, g.key = time.time(), [], None
+    if (request.content_length or 0) > cfg["max_body_bytes"] and not request.path.endswith("/import"):
+        raise APIError(413, f"request body larger than {cfg['max_body_bytes']} bytes")
+    if request.path.startswith(PUBLIC_PATHS):
+        return
+    g.key = access.authenticate(request.headers.get("Authorization"))
+    if g.key is None:  # no keys exist yet: open
+        return
+    access.check_rate(g.key)
+    if (request.endpoint or "").rpartition(".")[2] in ADMIN_ENDPOINTS and not g.key.admin:
+        raise APIError(403, f"{request.method} {request.path} needs an admin API key")
+    lut_name = requested_lut()
+    if isinstance(lut_name, str) and not g.key.may_use(lut_name):
+        raise APIError(403, f"this API key may not use LUT {lut_name!r}", param="lut_name")
+
+
+def requested_lut():
+    """The LUT a request names, in its path or its JSON body (every LUT route does one or the other)."""
+    data = request.get_json(silent=True) if request.is_json else None
+    return (request.view_args or {}).get("lut_name") or (data.get("lut_name") if isinstance(data, dict) else None)
+
+
+@bp.after_app_request
+def record_query(response):
+    if request.path.startswith(PUBLIC_PATHS) or "started" not in g:
+        return response
+    svc = service()
+    jobs, started, key, access = g.jobs, g.started, g.key, svc.access
+    lut_name = requested_lut()
+    row = dict(app_id=request.headers.get("X-App-ID") or "Unknown", key_id=key.id if key else None,
+               method=request.method, route=request.path, model=svc.slot.name,
+               lut_name=lut_name if isinstance(lut_name, str) else None, status=response.status_code)
+
+    def save():
+        try:
+            access.record(**row, prompt_tokens=sum(n for _, n in jobs),
+                          completion_tokens=sum(len(job.seq.out_ids) for job, _ in jobs),
+                          latency_ms=(time.time() - started) * 1000)
+        except Exception:  # the answer matters more than its record
+            log.exception("could not record the query")
+
+    if response.is_streamed:  # a stream is recorded once its last byte is out (or its client left)
+        response.response = recorded(response.response, save)
+    else:
+        save()
+    return response
+
+
+def recorded(chunks, save):
+    """A streamed body that calls save() when it ends, however it ends."""
+    try:
+        yield from chunks
+    finally:
+        save()
+
+
+# ---- API keys, usage
+
+@bp.post("/keys")
+def create_key():
+    data = body()
+    secret, record = service().access.create_key(
+        field(data, "name", str, required=True), field(data, "admin", bool, False), field(data, "luts", list, []),
+        field(data, "rate_per_minute", int), field(data, "burst", int))
+    log.info("API key %s (%s) created", record["id"], record["name"])
+    return jsonify(key=secret, **record), 201
+
+
+@bp.get("/keys")
+def list_keys():
+    return jsonify(keys=service().access.list_keys())
+
+
+@bp.delete("/keys/<int:key_id>")
+def revoke_key(key_id):
+    return jsonify(service().access.revoke_key(key_id))
+
+
+def own_key_id():
+    """Whose queries this request may see: None (everyone's) without keys or for an admin key."""
+    return None if g.key is None or g.key.admin else g.key.id
+
+
+@bp.get("/usage")
+def usage_summary():
+    return jsonify(service().access.usage(key_id=own_key_id()))
+
+
+@bp.get("/usage/history")
+def usage_history():
+    limit = request.args.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 10000:
+        raise APIError(400, "limit must be an integer in [1, 10000]", param="limit")
+    return jsonify(queries=service().access.history(own_key_id(), request.args.get("app_id"), int(limit)))
+
+
+# ---- the public model list
+
+@bp.get("/public/models")
+def public_models():
+    started = time.time()
+    svc = service()
+    overrides = svc.public_models
+    models = [{"id": mid, "provider": "openai" if init in PRETRAINED else "local", "created": int(svc.started),
+               "object": "model", "owned_by": "openai-community" if init in PRETRAINED else "local",
+               "capabilities": ["text-completion", "chat-completion"],
+               "pricing": {"input": 0.0, "output": 0.0, "unit": "token", "currency": "USD"},
+               **overrides.get("*", {}), **overrides.get(mid, {})}
+              for mid, (init, _) in svc.registry().items() if overrides.get(mid, {}).get("listed", True)]
+    return jsonify(status="success", data={"models": models},
+                   meta={"processing_time": round(time.time() - started, 4)})
+
+
+def read_public_models(path):
+    """{model id or "*": fields to show or override in /public/models ("listed": false hides one)}."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"public_models file {path}: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"public_models file {path} must map model ids (or \"*\") to objects")
+    return data

@@ -1,0 +1,119 @@
+"""
+Seed 002's routes (LocalLab): POST /chat, POST /generate/batch, GET /models/available,
+GET /models/current, POST /models/load, POST /models/unload, GET /system/info. Its streaming
+/generate is lut_api's.
+"""
+import dataclasses
+import os
+import time
+
+from flask import Blueprint, jsonify
+
+from api_common import APIError, CHAT_STOP, body, chat_prompt, field, service, sse, text_events, usage
+from lut_api import generation_request
+from model import HUB_ORG, PRETRAINED
+
+bp = Blueprint("locallab_api", __name__)
+
+
+def model_list():
+    """Every model id with what seeds 002 and 003 say of it, and whether it is the running one."""
+    svc = service()
+    loaded = svc.slot.name if svc.slot.engine is not None else None
+    return [{"id": mid, "name": name, "hf_name": f"{HUB_ORG}/{init}" if init in PRETRAINED else
+             os.path.relpath(init), "type": "pretrained" if init in PRETRAINED else "trained",
+             "running": name == loaded} for mid, (init, name) in svc.registry().items()]
+
+
+@bp.post("/chat")
+def chat():
+    data = body()
+    continued = data.get("continue_final_message", False)
+    prompt = chat_prompt(data.get("messages"), continued)
+    params, _, lut_name, stream = generation_request(data)
+    params = dataclasses.replace(params, stop=params.stop + CHAT_STOP)
+    svc = service()
+    if stream:
+        job, _ = svc.submit(prompt, params, lut_name, fit=True)
+        return sse(text_events(job, svc.cfg["request_timeout"]), job)
+    seq, n_prompt = svc.run(prompt, params, lut_name, fit=True)
+    return jsonify(choices=[{"message": {"role": "assistant",
+                                         "content": seq.text.rstrip() if continued else seq.text.strip()},
+                             "finish_reason": seq.finish_reason}],
+                   usage=usage(n_prompt, [seq]), model_id=svc.slot.name, lut_name=lut_name)
+
+
+@bp.post("/generate/batch")
+def generate_batch():
+    data = body()
+    svc = service()
+    limit = svc.cfg["max_batch_prompts"]
+    prompts = field(data, "prompts", list, required=True)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise APIError(400, "prompts must be a non-empty list of strings")
+    if len(prompts) > limit:
+        raise APIError(413, f"prompts: at most {limit} per request, got {len(prompts)}")
+    params, fit, lut_name, stream = generation_request(data)
+    if stream:
+        raise APIError(400, "stream is not supported by /generate/batch")
+    jobs = []
+    try:  # seeded requests give prompt i the seed seed+i: reproducible, yet not all alike
+        for i, p in enumerate(prompts):
+            seed = None if params.seed is None else params.seed + i
+            jobs.append(svc.submit(p, dataclasses.replace(params, seed=seed), lut_name, fit))
+        seqs = [svc.wait(job) for job, _ in jobs]
+    finally:
+        for job, _ in jobs:
+            job.cancel()  # a no-op for finished ones; frees the rest if one failed
+    return jsonify(responses=[s.text for s in seqs], finish_reasons=[s.finish_reason for s in seqs],
+                   usage=usage(sum(n for _, n in jobs), seqs), model_id=svc.slot.name, lut_name=lut_name)
+
+
+@bp.get("/models/available")
+def models_available():
+    return jsonify(models=model_list())
+
+
+@bp.get("/models/current")
+def models_current():
+    slot = service().slot
+    if slot.engine is None:
+        return jsonify(model_id=None, loaded=False, detail=slot.error)
+    model = slot.model
+    return jsonify(model_id=slot.name, loaded=True, device=str(next(model.parameters()).device),
+                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                   parameters=model.get_num_params(), config=dataclasses.asdict(model.config))
+
+
+@bp.post("/models/load")
+def models_load():
+    model_id = field(body(), "model_id", str, required=True)
+    service().use_model(model_id)
+    return jsonify(message=f"Model {model_id} loaded", model_id=model_id)
+
+
+@bp.post("/models/unload")
+def models_unload():
+    name = service().slot.unload()
+    if name is None:
+        raise APIError(404, "no model is loaded")
+    return jsonify(message=f"Model {name} unloaded", model_id=name)
+
+
+@bp.get("/system/info")
+def system_info():
+    import platform
+    import resource
+    import torch
+    svc = service()
+    slot = svc.slot
+    gpus = [{"name": torch.cuda.get_device_name(i),
+             "memory_mb": torch.cuda.get_device_properties(i).total_memory // 2**20}
+            for i in range(torch.cuda.device_count())]
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    return jsonify(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+                   cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), memory_total_mb=total,
+                   process_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                   cuda_available=torch.cuda.is_available(), gpus=gpus, model=slot.name,
+                   model_loaded=slot.engine is not None, engine=slot.engine.load if slot.engine else None,
+                   uptime_s=round(time.time() - svc.started, 1))

@@ -1,0 +1,131 @@
+"""
+Seed 001's routes, the nanoGPT API server: GET /api/status, GET /api/models, POST /api/load_model,
+POST /api/generate, and training jobs: POST /api/train, GET /api/train, GET /api/train/<job_id>,
+POST /api/train/<job_id>/cancel.
+"""
+import dataclasses
+import logging
+import os
+import time
+
+from flask import Blueprint, jsonify
+
+from api_common import APIError, body, field, inside, resolve_model_path, sampling, service, trained_models, usage
+from model import PRETRAINED, ModelLoadError
+
+log = logging.getLogger("api_server")
+bp = Blueprint("nanogpt_api", __name__)
+
+# /api/train defaults: seed 001's example request (a short GPT-2 fine-tune); the rest as train.py's
+TRAIN_DEFAULTS = dict(model_type="gpt2", batch_size=4, learning_rate=3e-5, max_iters=20, eval_interval=5)
+
+
+@bp.get("/api/status")
+def status():
+    svc = service()
+    slot = svc.slot
+    model = slot.model
+    out = {"status": "online", "model_loaded": slot.engine is not None, "model": slot.name,
+           "device": str(next(model.parameters()).device) if model is not None else None,
+           "timestamp": time.time(), "uptime_s": round(time.time() - svc.started, 1)}
+    if slot.engine is None:
+        out["detail"] = slot.error
+    else:
+        out["engine"] = slot.engine.load
+    return jsonify(out)
+
+
+@bp.get("/api/models")
+def models():
+    return jsonify(pretrained_models=list(PRETRAINED), trained_models=trained_models(service().models_dir))
+
+
+@bp.post("/api/load_model")
+def load_model_route():
+    data = body()
+    model_type, model_path = field(data, "model_type", str), field(data, "model_path", str)
+    if bool(model_type) == bool(model_path):
+        raise APIError(400, "give exactly one of model_type or model_path")
+    if model_type and model_type not in PRETRAINED:
+        raise APIError(404, f"unknown model_type {model_type!r}; choose one of {', '.join(PRETRAINED)}")
+    svc = service()
+    try:
+        if model_type:
+            svc.slot.load(model_type, model_type)
+        else:
+            path = resolve_model_path(model_path, svc.models_dir)
+            svc.slot.load(path, os.path.relpath(os.path.dirname(path), svc.models_dir))
+    except ModelLoadError as e:
+        raise APIError(503 if model_type else 400, str(e)) from None
+    return jsonify(message="Model loaded successfully", model=svc.slot.name)
+
+
+@bp.post("/api/generate")
+def api_generate():
+    data = body()
+    prompt = field(data, "prompt", str, required=True)
+    lut_name = field(data, "lut_name", str)
+    params = sampling(data, "max_new_tokens", 100,
+                      dict(temperature=0.8, top_k=200, top_p=1.0, repetition_penalty=1.0, do_sample=True))
+    seq, n_prompt = service().run(prompt, params, lut_name)
+    parameters = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                  "top_k": params.top_k}
+    return jsonify(prompt=prompt, generated_text=prompt + seq.text, parameters=parameters,
+                   finish_reason=seq.finish_reason, usage=usage(n_prompt, [seq]), lut_name=lut_name)
+
+
+# ---- training jobs
+
+@bp.post("/api/train")
+def api_train():
+    data = body()
+    svc = service()
+    settings, echo = train_settings(data, svc.models_dir, svc.cfg["data_dir"])
+    job = svc.trainer.start(settings, data["output_dir"], settings["out_dir"], echo)
+    log.info("training job %s started: pid %s, %s", job["job_id"], job["process_id"], settings["out_dir"])
+    return jsonify(message="Training started", config=echo, config_path=job["config_path"],
+                   process_id=job["process_id"], job_id=job["job_id"])
+
+
+@bp.get("/api/train")
+def api_train_jobs():
+    return jsonify(jobs=service().trainer.list())
+
+
+@bp.get("/api/train/<int:job_id>")
+def api_train_job(job_id):
+    return jsonify(service().trainer.get(job_id))
+
+
+@bp.post("/api/train/<int:job_id>/cancel")
+def api_train_cancel(job_id):
+    return jsonify(service().trainer.cancel(job_id))
+
+
+def train_settings(data, models_dir, data_dir):
+    """An /api/train request -> (full train.py settings, the config echoed to the client).
+    Fields: the seed's (dataset, output_dir, model_type, ...) and any other train.py setting."""
+    import train
+    types = {f.name: f.type for f in dataclasses.fields(train.TrainConfig) if f.name not in ("out_dir", "data_dir")}
+    unknown = sorted(set(data) - set(types) - {"output_dir", "model_type"})
+    if unknown:
+        raise APIError(400, f"unknown field {unknown[0]!r}; /api/train takes output_dir, model_type and the "
+                            f"train.py settings: {', '.join(types)}")
+    output_dir = field(data, "output_dir", str, required=True)
+    field(data, "dataset", str, required=True)
+    model_type = field(data, "model_type", str, TRAIN_DEFAULTS["model_type"])
+    if model_type not in PRETRAINED:
+        raise APIError(400, f"model_type must be one of {', '.join(PRETRAINED)}")
+    given = {name: field(data, name, kind) for name, kind in types.items() if data.get(name) is not None}
+    echo = {"dataset": given["dataset"], "output_dir": output_dir, "model_type": model_type,
+            **{k: v for k, v in TRAIN_DEFAULTS.items() if k != "model_type"}, **given}
+    settings = {**dataclasses.asdict(train.TrainConfig()), "init_from": model_type, **echo,
+                "out_dir": inside(output_dir, models_dir, "output_dir"), "data_dir": os.path.abspath(data_dir)}
+    del settings["output_dir"], settings["model_type"]
+    try:
+        train.TrainConfig(**settings).validate()
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    if settings["init_from"] == "resume" and not os.path.isfile(os.path.join(settings["out_dir"], "ckpt.pt")):
+        raise APIError(400, f"init_from resume needs a checkpoint in output_dir {output_dir!r}")
+    return settings, echo
