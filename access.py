@@ -93,7 +93,7 @@ class Access:
 
     def __init__(self, db_path, rate_per_minute=60, burst=10):
         self.db_path, self.rate_per_minute, self.burst = db_path, rate_per_minute, burst
-        self._buckets = {}  # key id -> (tokens, time): the rate limit of this process
+        self._buckets = {}  # key id or "anon:<address>" -> (tokens, time): this process's rate limits
         self._lock = threading.Lock()
         statedb.init(db_path, SCHEMA)
 
@@ -167,18 +167,26 @@ class Access:
                    row["rate_per_minute"] or self.rate_per_minute, row["burst"] or self.burst)
 
     def check_rate(self, key):
-        """Token bucket per key: `burst` requests at once, refilled at rate_per_minute."""
-        rate = key.rate_per_minute / 60.0
+        """The per-key limit: the key's own, or the server's."""
+        self.take(key.id, key.rate_per_minute, key.burst)
+
+    def check_anonymous(self, address, rate_per_minute, burst):
+        """Seed 002's limit for requests without a key: one bucket per client address."""
+        self.take(f"anon:{address}", rate_per_minute, burst)
+
+    def take(self, bucket, rate_per_minute, burst):
+        """Token bucket: `burst` requests at once, refilled at rate_per_minute; 429 when empty."""
+        rate = rate_per_minute / 60.0
         with self._lock:
             now = time.monotonic()
-            tokens, last = self._buckets.get(key.id, (key.burst, now))
-            tokens = min(key.burst, tokens + (now - last) * rate)
+            tokens, last = self._buckets.get(bucket, (burst, now))
+            tokens = min(burst, tokens + (now - last) * rate)
             if tokens < 1:
-                self._buckets[key.id] = (tokens, now)
+                self._buckets[bucket] = (tokens, now)
                 wait = math.ceil((1 - tokens) / rate)
-                raise AccessError(429, f"rate limit of {key.rate_per_minute} requests per minute (burst {key.burst}) "
+                raise AccessError(429, f"rate limit of {rate_per_minute} requests per minute (burst {burst}) "
                                        f"reached; retry in {wait} s", {"Retry-After": str(wait)})
-            self._buckets[key.id] = (tokens - 1, now)
+            self._buckets[bucket] = (tokens - 1, now)
 
     def record(self, app_id, key_id, method, route, model, lut_name, prompt_tokens, completion_tokens,
                latency_ms, status):
