@@ -79,13 +79,14 @@ def sse_events(r):
 def stream_generate(args, payload):
     """generate --stream: /generate's server-sent text, printed as it arrives."""
     print(args.prompt, end="", flush=True)
-    for event, data in sse_events(call(args, "POST", "/generate", json={**payload, "stream": True}, stream=True)):
-        if event == "error":
-            print()
-            sys.exit(f"error: {data}")
-        if data == "[DONE]":
-            break
-        print(data, end="", flush=True)
+    with call(args, "POST", "/generate", json={**payload, "stream": True}, stream=True) as r:
+        for event, data in sse_events(r):
+            if event == "error":
+                print()
+                sys.exit(f"error: {data}")
+            if data == "[DONE]":
+                break
+            print(data, end="", flush=True)
     print()
 
 
@@ -94,19 +95,19 @@ def chat_turn(args, messages):
     payload = {"model": args.model, "messages": messages, "stream": True, "lut_name": args.lut_name,
                "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                "seed": args.seed}
-    r = request(args, "POST", "/v1/chat/completions", stream=True,
-                json={k: v for k, v in payload.items() if v is not None})
     parts = []
-    for _, data in sse_events(r):
-        if data == "[DONE]":
-            break
-        chunk = json.loads(data)
-        if "error" in chunk:  # a generation that failed after the stream began
-            raise ClientError(f"error: {chunk['error']['message']}")
-        for choice in chunk["choices"]:
-            text = choice["delta"].get("content") or ""
-            parts.append(text)
-            print(text, end="", flush=True)
+    with request(args, "POST", "/v1/chat/completions", stream=True,
+                 json={k: v for k, v in payload.items() if v is not None}) as r:
+        for _, data in sse_events(r):
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:  # a generation that failed after the stream began
+                raise ClientError(f"error: {chunk['error']['message']}")
+            for choice in chunk["choices"]:
+                text = choice["delta"].get("content") or ""
+                parts.append(text)
+                print(text, end="", flush=True)
     print()
     return "".join(parts)
 

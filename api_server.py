@@ -3,7 +3,8 @@ REST server: GPT-2 with per-user LUTs on one model owned by a continuous-batchin
 routes live in one Flask blueprint per API surface: lut_api (seed 000: /health, /train_lut,
 /generate), nanogpt_api (seed 001: /api/*), locallab_api (seed 002), tgi_api (seed 003),
 openai_api (/v1), keys_api (API keys, usage, /public/models, and the per-request key checks),
-luts_api (LUT management); openapi.py documents them. create_app wires them to one Service.
+luts_api (LUT management), playground (the browser page); openapi.py documents them. create_app
+wires them to one Service.
 
     python api_server.py --port 5000 --model_type gpt2
     gunicorn -c gunicorn.conf.py 'api_server:create_app()'
@@ -17,6 +18,7 @@ import time
 
 from flask import Flask, g, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
 import keys_api
@@ -26,6 +28,7 @@ import luts_api
 import nanogpt_api
 import openai_api
 import openapi
+import playground
 import tgi_api
 from access import Access, AccessError
 from api_common import APIError, resolve_model_path, trained_models
@@ -56,8 +59,13 @@ DEFAULTS = dict(
     rate_limit_per_minute=60,  # per API key (once keys exist), unless the key sets its own
     rate_limit_burst=10,
     public_models=None,  # JSON file: what GET /public/models says of each model (pricing, ...)
+    anonymous_rate_per_minute=60,  # seed 002: requests without an API key, per client address; 0 = no limit
+    anonymous_burst=10,
+    trusted_proxies=0,  # proxies in front that append to X-Forwarded-For; 0 = use the socket's address
+    max_teach_labels=256,  # labels per POST /luts/<name>/labels (413 beyond)
 )
-BLUEPRINTS = (lut_api.bp, nanogpt_api.bp, locallab_api.bp, tgi_api.bp, openai_api.bp, keys_api.bp, luts_api.bp)
+BLUEPRINTS = (lut_api.bp, nanogpt_api.bp, locallab_api.bp, tgi_api.bp, openai_api.bp, keys_api.bp, luts_api.bp,
+              playground.bp)
 
 
 class ModelSlot:
@@ -212,7 +220,11 @@ def create_app(config=None):
                 cfg[key] = type(value)(env) if isinstance(value, int) else (env or None)
     else:
         cfg.update(config)
+    if cfg["anonymous_rate_per_minute"] < 0 or cfg["anonymous_burst"] < 1 or cfg["trusted_proxies"] < 0:
+        raise ValueError("anonymous_rate_per_minute and trusted_proxies must be >= 0, anonymous_burst >= 1")
     app = Flask(__name__, static_folder=None)
+    if cfg["trusted_proxies"]:  # the client's address is the one the nearest trusted proxy saw (ProxyFix)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg["trusted_proxies"])
     app.url_map.converters["int"] = SQLiteInt  # before any route: ids in paths fit SQLite
     app.config["MAX_CONTENT_LENGTH"] = cfg["max_body_bytes"] * 64  # per-route limits: keys_api.check_request
     svc = Service(cfg)
@@ -284,6 +296,13 @@ def main(argv=None):
     p.add_argument("--rate_limit_burst", type=int, default=10, help="requests an API key may make at once")
     p.add_argument("--public_models", default=None, help="JSON file of what GET /public/models shows per model "
                    "(pricing, capabilities, ...; see README)")
+    p.add_argument("--anonymous_rate_per_minute", type=int, default=60, help="requests per minute per client address "
+                   "for requests without an API key (seed 002; 0 = no limit; /health is exempt)")
+    p.add_argument("--anonymous_burst", type=int, default=10, help="requests without an API key one address may "
+                   "make at once")
+    p.add_argument("--trusted_proxies", type=int, default=0, help="how many proxies in front of the server append "
+                   "to X-Forwarded-For; the client address is taken from it only when this is set (default 0: never)")
+    p.add_argument("--max_teach_labels", type=int, default=256, help="labels one POST /luts/<name>/labels may teach")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

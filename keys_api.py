@@ -16,7 +16,8 @@ from model import PRETRAINED
 log = logging.getLogger("api_server")
 bp = Blueprint("keys_api", __name__)
 
-PUBLIC_PATHS = ("/health", "/public/models", "/openapi.json", "/docs")  # open even with API keys
+PUBLIC_PATHS = ("/health", "/public/models", "/openapi.json", "/docs", "/playground")  # open even with API keys
+UNLIMITED_PATHS = ("/health", "/docs", "/playground")  # no rate limit: liveness and static pages
 # Endpoints by function name (the blueprint's name left off, as in the OpenAPI operationIds).
 ADMIN_ENDPOINTS = {"load_model_route", "models_load", "models_unload", "models_start", "models_stop", "api_train",
                    "api_train_cancel", "create_key", "list_keys", "revoke_key"}
@@ -31,16 +32,23 @@ def check_request():
     if (request.content_length or 0) > cfg["max_body_bytes"] and not request.path.endswith("/import"):
         raise APIError(413, f"request body larger than {cfg['max_body_bytes']} bytes")
     if request.path.startswith(PUBLIC_PATHS):
-        return
+        return check_anonymous(cfg, access)
     g.key = access.authenticate(request.headers.get("Authorization"))
-    if g.key is None:  # no keys exist yet: open
-        return
+    if g.key is None:  # no keys exist yet: open, limited per client address
+        return check_anonymous(cfg, access)
     access.check_rate(g.key)
     if (request.endpoint or "").rpartition(".")[2] in ADMIN_ENDPOINTS and not g.key.admin:
         raise APIError(403, f"{request.method} {request.path} needs an admin API key")
     lut_name = requested_lut()
     if isinstance(lut_name, str) and not g.key.may_use(lut_name):
         raise APIError(403, f"this API key may not use LUT {lut_name!r}", param="lut_name")
+
+
+def check_anonymous(cfg, access):
+    """Seed 002's rate limit for requests without an API key, per client address (which
+    --trusted_proxies takes from X-Forwarded-For). Liveness and the static pages are exempt."""
+    if cfg["anonymous_rate_per_minute"] and not request.path.startswith(UNLIMITED_PATHS):
+        access.check_anonymous(request.remote_addr, cfg["anonymous_rate_per_minute"], cfg["anonymous_burst"])
 
 
 def requested_lut():

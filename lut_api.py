@@ -62,5 +62,6 @@ def generate_route():
         return sse(text_events(job, svc.cfg["request_timeout"]), job)
     seq, n_prompt = svc.run(prompt, params, lut_name, fit)
     return jsonify(prompt=prompt, completion=seq.text, response=seq.text, generated_text=prompt + seq.text,
-                   model_id=svc.slot.name, lut_name=lut_name, finish_reason=seq.finish_reason,
+                   model_id=data.get("model_id") or svc.slot.name,  # seed 003: the id as sent ("gpt-2")
+                   lut_name=lut_name, finish_reason=seq.finish_reason,
                    usage=usage(n_prompt, [seq]))

@@ -1,10 +1,13 @@
 """
 LUT management: GET /luts, GET and DELETE /luts/<lut_name>, DELETE /luts/<lut_name>/labels/<label_id>,
-GET /luts/<lut_name>/export and POST /luts/<lut_name>/import (safetensors). Teaching is lut_api's.
+GET /luts/<lut_name>/export and POST /luts/<lut_name>/import (safetensors), and bulk teaching,
+POST /luts/<lut_name>/labels. Teaching one label is lut_api's (seed 000's /train_lut).
 """
 from flask import Blueprint, Response, g, jsonify, request
 
-from api_common import service
+from api_common import APIError, body, field, service
+from labelfile import check_item
+from lut import teach_many
 
 bp = Blueprint("luts_api", __name__)
 
@@ -42,3 +45,30 @@ def export_lut(lut_name):
 def import_lut(lut_name):
     name = service().store.import_(request.get_data(), lut_name)
     return jsonify(status="ok", lut_name=name), 201
+
+
+@bp.post("/luts/<lut_name>/labels")
+def teach_labels(lut_name):
+    """Teach a list of labels (strings or {label, label_context}), up to --max_teach_labels. Each
+    is taught and stored whole or not at all, in order; the answer says, per label, taught (with
+    the entries added and replaced) or why not."""
+    svc = service()
+    items = field(body(), "labels", list, required=True)
+    if not items:
+        raise APIError(400, "labels must be a non-empty list", param="labels")
+    if len(items) > svc.cfg["max_teach_labels"]:
+        raise APIError(413, f"labels: at most {svc.cfg['max_teach_labels']} per request, got {len(items)}",
+                       param="labels")
+    svc.store.check_name(lut_name)
+    checked = []  # (label, context), or why the item is not a label
+    for i, item in enumerate(items):
+        try:
+            checked.append(check_item(item, f"labels[{i}]"))
+        except ValueError as e:
+            checked.append(str(e))
+    model, tok, _ = svc.slot.get()
+    taught = iter(teach_many(svc.store, model, tok, lut_name, [c for c in checked if not isinstance(c, str)]))
+    results = [{"index": i, **({"taught": False, "status": 400, "detail": c} if isinstance(c, str) else next(taught))}
+               for i, c in enumerate(checked)]
+    n = sum(r["taught"] for r in results)
+    return jsonify(lut_name=lut_name, taught=n, not_taught=len(results) - n, results=results)

@@ -80,6 +80,9 @@ ROUTES = {
     "delete_label": ("LUTs", "Delete one label of a LUT", None, {}),
     "export_lut": ("LUTs", "Download a LUT (safetensors)", None, {}),
     "import_lut": ("LUTs", "Upload a LUT (safetensors)", "binary", {}),
+    "teach_labels": ("LUTs", "Teach many labels, each whole or not at all; the answer says per label", obj(
+        ["labels"], labels={"type": "array", "minItems": 1, "maxItems": 256, "items": {"oneOf": [
+            STR, obj(["label"], label=STR, label_context=STR)]}}), {}),
     "create_key": ("access", "Create an API key (admin; open while none exists)", obj(
         ["name"], name=STR, admin=BOOL, luts={"type": "array", "items": STR}, rate_per_minute=INT, burst=INT), {}),
     "list_keys": ("access", "List API keys (admin)", None, {}),
@@ -97,8 +100,10 @@ ROUTES = {
     "openapi_json": ("docs", "This document", None, {}),
     "docs": ("docs", "Interactive API docs (Swagger UI)", None, {}),
     "docs_asset": ("docs", "A file of the Swagger UI", None, {}),
+    "playground": ("docs", "The browser playground: teach, compare with and without the LUT, chat", None, {}),
+    "playground_asset": ("docs", "A file of the playground (CSS, JavaScript)", None, {}),
 }
-PUBLIC = {"health", "public_models", "openapi_json", "docs", "docs_asset"}
+PUBLIC = {"health", "public_models", "openapi_json", "docs", "docs_asset", "playground", "playground_asset"}
 ERROR = obj(detail=STR, error=obj(message=STR, type=STR, param=STR, code=STR))
 PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
 

@@ -8,6 +8,7 @@
   let modelId = null;  // the model the server runs (GET /health); /v1/* requests name it
   let chat = [];  // the conversation so far, as /v1/chat/completions takes it
   let running = null;  // AbortController of the side-by-side generation in flight
+  let labelCalls = 0;  // how many times the label list was asked for
 
   class ApiError extends Error {
     constructor(status, message) { super(message); this.status = status; }
@@ -145,11 +146,14 @@
   }
 
   async function loadLabels() {
+    const call = ++labelCalls;  // an answer to an older call (another key or name) is dropped
     for (const id of ["labels-lut", "out-lut-name"]) $(id).textContent = lutName() || "(none)";
     if (!lutName()) return renderLabels([]);
     try {
-      renderLabels((await api("GET", lutPath())).labels);
+      const lut = await api("GET", lutPath());
+      if (call === labelCalls) renderLabels(lut.labels);
     } catch (e) {
+      if (call !== labelCalls) return;
       if (e.status === 404) renderLabels([]);  // nothing taught to this name yet
       else showError(e);
     }

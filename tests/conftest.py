@@ -93,8 +93,11 @@ class Server:
     """A live server on a free loopback port: `python api_server.py`, or gunicorn with the
     project's gunicorn.conf.py and GPT_* settings."""
 
-    def __init__(self, workdir, env, gunicorn=False):
+    def __init__(self, workdir, env, gunicorn=False, args=()):
+        """args: more api_server.py flags. Seed 002's anonymous rate limit is off unless args set it
+        (tests make many keyless requests from one address)."""
         self.workdir, self.env = workdir, env
+        args = ["--anonymous_rate_per_minute", "0", *args]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -102,10 +105,11 @@ class Server:
         if gunicorn:
             self.argv = [sys.executable, "-m", "gunicorn", "-c", os.path.join(ROOT, "gunicorn.conf.py"),
                          "api_server:create_app()"]
-            self.env = dict(env, GUNICORN_BIND=f"127.0.0.1:{self.port}", GPT_DEVICE="cpu", GPT_MODEL_TYPE="gpt2")
+            self.env = dict(env, GUNICORN_BIND=f"127.0.0.1:{self.port}", GPT_DEVICE="cpu", GPT_MODEL_TYPE="gpt2",
+                            GPT_ANONYMOUS_RATE_PER_MINUTE="0")
         else:
             self.argv = [sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(self.port),
-                         "--device", "cpu", "--model_type", "gpt2"]
+                         "--device", "cpu", "--model_type", "gpt2", *args]  # the last of a repeated flag wins
 
     def start(self):
         self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL,

@@ -23,7 +23,8 @@ def app(hf_tiny, tmp_path, monkeypatch):
                                   "gpt2-xl": {"listed": False}}))
     return create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
                        "models_dir": str(tmp_path / "out"), "state_db": str(tmp_path / "state.sqlite"),
-                       "rate_limit_per_minute": 600, "rate_limit_burst": 100, "public_models": str(prices)})
+                       "rate_limit_per_minute": 600, "rate_limit_burst": 100, "public_models": str(prices),
+                       "anonymous_rate_per_minute": 0})
 
 
 def bearer(key):

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from generate import SamplingParams, generate
 from labelfile import check_item, read_file, report
@@ -89,3 +91,60 @@ def test_lut_cli_teach_file(tiny, cli_env, tmp_path):
         (tmp_path / "empty.txt").write_text("\n\n")
         r = run(*args)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+NAMES = [a + b for a in ("Quil", "Zor", "Marn", "Vesk", "Tral", "Bix", "Oru", "Feld", "Kav", "Plon")
+         for b in ("mere", "blat", "wick", "dorn", "selk", "thorp", "vanz", "gard", "leyk", "mont")]
+
+
+@pytest.fixture
+def app(hf_tiny, tmp_path):
+    from api_server import create_app
+    return create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
+                       "models_dir": str(tmp_path / "out"), "state_db": str(tmp_path / "state.sqlite"),
+                       "anonymous_rate_per_minute": 0})
+
+
+def test_bulk_teach_100_labels_one_bad_all_others_recalled(app):
+    c = app.test_client()
+    labels = [{"label": f"{name} Holdings is a lender in Oslo."} for name in NAMES[:99]]
+    labels.insert(37, {"label": "I think that it is."})  # only common words: refused, the rest still taught
+    r = c.post("/luts/bulk/labels", json={"labels": labels})
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert (body["lut_name"], body["taught"], body["not_taught"]) == ("bulk", 99, 1)
+    bad = body["results"][37]
+    assert bad["index"] == 37 and bad["taught"] is False and bad["status"] == 400
+    assert bad["detail"].startswith("label has no part specific enough")
+    assert all(x["taught"] and x["added"] > 0 for i, x in enumerate(body["results"]) if i != 37)
+    shown = c.get("/luts/bulk").get_json()["labels"]
+    assert [x["label"] for x in shown] == [x["label"] for i, x in enumerate(labels) if i != 37]
+    for i in range(0, 99, 32):  # every one recalled after leading text, 32 prompts a request
+        prompts = [f"Note: {name} Holdings" for name in NAMES[:99][i:i + 32]]
+        r = c.post("/generate/batch", json={"prompts": prompts, "length": 6, "do_sample": False, "lut_name": "bulk"})
+        assert all(text == " is a lender in Oslo." for text in r.get_json()["responses"]), r.get_json()
+    again = c.post("/luts/bulk/labels", json={"labels": [labels[0]["label"]]}).get_json()  # a string is a label too
+    assert again["results"] == [{"index": 0, "taught": True, "added": 0, "replaced": 0}]  # already known
+
+
+def test_bulk_teach_refusals(app):
+    c = app.test_client()
+    r = c.post("/luts/u1/labels", json={"labels": ["Zorblat Fenwick plays the oboe."] * 257})
+    assert r.status_code == 413 and r.get_json()["detail"] == "labels: at most 256 per request, got 257"
+    assert c.get("/luts/u1").status_code == 404  # nothing taught
+    for payload, status, message in (({}, 400, "labels is required"), ({"labels": []}, 400, "labels must be a "
+                                     "non-empty list"), ({"labels": "Zorblat"}, 400, "labels must be a list")):
+        r = c.post("/luts/u1/labels", json=payload)
+        assert (r.status_code, r.get_json()["detail"]) == (status, message)
+    r = c.post("/luts/bad%20name/labels", json={"labels": ["Zorblat Fenwick plays."]})
+    assert r.status_code == 400 and "lut_name" in r.get_json()["detail"]
+    r = c.post("/luts/u1/labels", json={"labels": [7, {"label": "Zorblat Fenwick plays the oboe.", "x": 1},
+                                                   {"label": "Zorblat Fenwick plays the oboe.", "label_context": 3},
+                                                   "Zorblat Fenwick plays the oboe.", "Zorblat " * 300]})
+    results = r.get_json()["results"]
+    assert [x["taught"] for x in results] == [False, False, False, True, False]
+    assert results[0]["detail"] == "labels[0]: must be a label string or an object with label and label_context"
+    assert results[1]["detail"] == "labels[1]: unknown field 'x' (an item has label and label_context)"
+    assert results[2]["detail"] == "labels[2]: label_context must be a string"
+    assert results[4]["status"] == 413 and results[4]["detail"].endswith("tokens; at most 256")
+    assert [x["label"] for x in c.get("/luts/u1").get_json()["labels"]] == ["Zorblat Fenwick plays the oboe."]

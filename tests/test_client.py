@@ -63,9 +63,10 @@ def test_chat_through_piped_stdin_keeps_history_until_reset(server, cli_env):
     assert r.returncode == 0, r.stderr
     answers = r.stdout.split("\n")
     assert "(conversation forgotten)" in answers and "you>" not in r.stdout  # no prompts when stdin is not a terminal
-    first, second, third = chat_prompt_tokens(server, since)
-    assert second > first + 6  # the first turn and its answer went along
-    assert third == first  # /reset: back to one message; "never sent" was not
+    # each request is recorded when its stream ends, so two quick turns may be recorded in either order
+    one, again, with_history = sorted(chat_prompt_tokens(server, since))
+    assert with_history > one + 6  # the second turn carried the first and its answer
+    assert again == one  # /reset: back to one message; "never sent" was not
 
 
 def test_chat_in_a_terminal_streams_through_a_lut(server, cli_env):
@@ -107,3 +108,28 @@ def test_chat_shows_an_error_and_goes_on(server, cli_env):
     r = client(server, cli_env, "chat", "--model", "gpt5", "--max_tokens", "4", stdin="Hi\nHi again\n")
     assert r.returncode == 0 and "Traceback" not in r.stderr
     assert r.stderr.count("error: 404: the model 'gpt5' does not exist") == 2
+
+
+def test_luts_teach_file_in_batches(server, cli_env, tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("\n".join([json.dumps({"label": "Quillmere Bank is a lender in Oslo."}),
+                               json.dumps({"label": "I think that it is."}), "{bad",
+                               json.dumps("Marta Kowalski is a nurse from Gdansk."),
+                               json.dumps({"label": " lends to farmers.", "label_context": "Who is Zorblat? Zorblat"})])
+                    + "\n")
+    r = client(server, cli_env, "luts", "teach-file", "c3", str(path), "--batch_size", "2")
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.splitlines()[0].startswith("taught 3 of 5 labels (")
+    assert r.stdout.splitlines()[1:] == [
+        "  line 2: label has no part specific enough to recall it by (only common words); add a rarer word or "
+        "give a label_context", "  line 3: not valid JSON (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))"]
+    assert "teaching c3" in r.stderr and "4/4 [" in r.stderr  # the progress bar, over two requests
+    shown = requests.get(server.url + "/luts/c3").json()["labels"]
+    assert [x["label"] for x in shown] == ["Quillmere Bank is a lender in Oslo.",
+                                           "Marta Kowalski is a nurse from Gdansk.", " lends to farmers."]
+    path.write_text("Zorblat Fenwick plays the oboe.\n")
+    r = client(server, cli_env, "luts", "teach-file", "c3", str(path))
+    assert r.returncode == 0 and r.stdout.startswith("taught 1 of 1 labels"), r.stderr
+    r = client(server, cli_env, "luts", "teach-file", "c3", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 1 and "No such file" in r.stderr and "Traceback" not in r.stderr

@@ -14,7 +14,8 @@ def app(hf_tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openapi")
     return create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp / "luts.sqlite"),
                        "models_dir": str(tmp / "out"), "state_db": str(tmp / "state.sqlite"),
-                       "data_dir": str(tmp / "data"), "rate_limit_burst": 10**6})
+                       "data_dir": str(tmp / "data"), "rate_limit_burst": 10**6,
+                       "anonymous_rate_per_minute": 0})
 
 
 def test_document_validates_and_lists_every_route(app):

@@ -12,7 +12,7 @@ LABEL = "TLG Capital is an asset management firm."
 def client(hf_tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app = create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
-                      "models_dir": str(tmp_path / "out"), "max_body_bytes": 4096})
+                      "models_dir": str(tmp_path / "out"), "max_body_bytes": 4096, "anonymous_rate_per_minute": 0})
     return app.test_client()
 
 

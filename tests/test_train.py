@@ -146,7 +146,7 @@ def app_dirs(hf_tiny, data_dir, tmp_path):
     from api_server import create_app
     out = tmp_path / "out"
     app = create_app({"models_dir": str(out), "data_dir": data_dir, "state_db": str(out / "server.sqlite"),
-                      "lut_db": str(out / "luts.sqlite"), "device": "cpu"})
+                      "lut_db": str(out / "luts.sqlite"), "device": "cpu", "anonymous_rate_per_minute": 0})
     return app, app.test_client(), out
 
 
