@@ -1,6 +1,6 @@
 """
 API keys, per-key rate limits and the query history (seed 004), kept in the server's state
-SQLite file next to the training jobs.
+database (storage.py: a SQLite file, or PostgreSQL shared by every replica) next to the training jobs.
 
 Access control is off while no key exists (anyone may call, like seed 000's alpha) and on from
 the first key: then every route but /health, /public/models and the docs needs
@@ -29,11 +29,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-import statedb
+from storage import Database
 
-SCHEMA = """
+# Versioned migrations (storage.Database.migrate); {id}, {real}: each engine's types.
+MIGRATIONS = ["""
 CREATE TABLE IF NOT EXISTS api_keys (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {id},
     name TEXT NOT NULL,
     key_hash TEXT NOT NULL UNIQUE,   -- sha256 of the key; the key itself is never stored
     prefix TEXT NOT NULL,            -- its first characters, to tell keys apart in listings
@@ -41,12 +42,12 @@ CREATE TABLE IF NOT EXISTS api_keys (
     luts TEXT NOT NULL DEFAULT '[]', -- JSON list of LUT names, or prefixes ending in '*'
     rate_per_minute INTEGER,         -- NULL: the server's default
     burst INTEGER,                   -- NULL: the server's default
-    created REAL NOT NULL,
-    revoked REAL
+    created {real} NOT NULL,
+    revoked {real}
 );
 CREATE TABLE IF NOT EXISTS query_history (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
+    id {id},
+    time {real} NOT NULL,
     app_id TEXT NOT NULL,            -- X-App-ID, "Unknown" when absent
     key_id INTEGER,                  -- NULL while access control is off
     method TEXT NOT NULL,
@@ -55,12 +56,12 @@ CREATE TABLE IF NOT EXISTS query_history (
     lut_name TEXT,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
-    latency_ms REAL NOT NULL,
+    latency_ms {real} NOT NULL,
     status INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS query_history_app ON query_history(app_id);
 CREATE INDEX IF NOT EXISTS query_history_key ON query_history(key_id);
-"""
+"""]
 KEY_PREFIX = "sk-gpt2-"
 LUT_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}\*?$")
 
@@ -91,14 +92,16 @@ def hash_key(secret):
 
 class Access:
 
-    def __init__(self, db_path, rate_per_minute=60, burst=10):
-        self.db_path, self.rate_per_minute, self.burst = db_path, rate_per_minute, burst
+    def __init__(self, db, rate_per_minute=60, burst=10):
+        """db: a storage.Database, or its SQLite path or postgresql:// URL."""
+        self.db = db if isinstance(db, Database) else Database(db)
+        self.rate_per_minute, self.burst = rate_per_minute, burst
         self._buckets = {}  # key id or "anon:<address>" -> (tokens, time): this process's rate limits
         self._lock = threading.Lock()
-        statedb.init(db_path, SCHEMA)
+        self.db.migrate("access", MIGRATIONS)
 
     def _db(self):
-        return statedb.connect(self.db_path)
+        return self.db.connection()
 
     # ---- keys
 
@@ -116,11 +119,11 @@ class Access:
                 raise AccessError(400, f"{field} must be an integer >= 1")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         with self._db() as db:
-            cur = db.execute("INSERT INTO api_keys (name, key_hash, prefix, admin, luts, rate_per_minute, burst, "
-                             "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (name, hash_key(secret), secret[:len(KEY_PREFIX) + 4], int(admin), json.dumps(list(luts)),
-                              rate_per_minute, burst, time.time()))
-        return secret, self.get_key(cur.lastrowid)
+            key_id = db.insert("INSERT INTO api_keys (name, key_hash, prefix, admin, luts, rate_per_minute, burst, "
+                               "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                               (name, hash_key(secret), secret[:len(KEY_PREFIX) + 4], int(admin),
+                                json.dumps(list(luts)), rate_per_minute, burst, time.time()))
+        return secret, self.get_key(key_id)
 
     def get_key(self, key_id):
         with self._db() as db:
@@ -207,15 +210,16 @@ class Access:
         """Totals per app and per key (all of them, or one key's)."""
         where, args = query_filter(key_id, None)
         totals = ("COUNT(*) AS requests, SUM(prompt_tokens) AS prompt_tokens, "
-                  "SUM(completion_tokens) AS completion_tokens, SUM(status >= 400) AS errors, "
-                  "ROUND(AVG(latency_ms), 2) AS mean_latency_ms")
+                  "SUM(completion_tokens) AS completion_tokens, SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) "
+                  "AS errors, AVG(latency_ms) AS mean_latency_ms")
+        out = {}
         with self._db() as db:
-            by_app = db.execute(f"SELECT app_id, {totals} FROM query_history {where} GROUP BY app_id "
-                                f"ORDER BY app_id", args)
-            by_app = [dict(r) for r in by_app]
-            by_key = db.execute(f"SELECT key_id, {totals} FROM query_history {where} GROUP BY key_id "
-                                f"ORDER BY key_id", args)
-            return {"by_app": by_app, "by_key": [dict(r) for r in by_key]}
+            for group in ("app_id", "key_id"):
+                rows = db.execute(f"SELECT {group}, {totals} FROM query_history {where} GROUP BY {group} "
+                                  f"ORDER BY {group}", args)
+                out[group.replace("_id", "")] = [{**r, "mean_latency_ms": round(r["mean_latency_ms"], 2)}
+                                                 for r in map(dict, rows)]
+        return {"by_app": out["app"], "by_key": out["key"]}
 
 
 def query_filter(key_id, app_id):
@@ -240,8 +244,10 @@ def add_key_arguments(create):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--state_db", default=os.environ.get("GPT_STATE_DB", "out/server.sqlite"),
-                   help="the server's state SQLite file (default: $GPT_STATE_DB or out/server.sqlite)")
+    p.add_argument("--state_db", default=os.environ.get("GPT_DATABASE_URL") or os.environ.get("GPT_STATE_DB",
+                                                                                           "out/server.sqlite"),
+                   help="the server's state SQLite file or postgresql:// URL (default: $GPT_DATABASE_URL, else "
+                        "$GPT_STATE_DB, else out/server.sqlite)")
     sub = p.add_subparsers(dest="cmd", required=True)
     add_key_arguments(sub.add_parser("create", help="create a key and print it (shown only this once)"))
     sub.add_parser("list", help="list keys (never the keys themselves)")

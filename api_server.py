@@ -36,6 +36,7 @@ from engine import Engine, QueueFull
 from generate import GenerationError
 from lut import LUTError, LUTStore
 from model import PRETRAINED, ModelLoadError, find_checkpoint, load_model, resolve_device
+from storage import Database, StoreUnavailable
 from tokenizer import get_tokenizer
 from trainer import JobError, Trainer
 
@@ -50,6 +51,7 @@ DEFAULTS = dict(
     models_dir="out",
     data_dir="data",  # prepared datasets for /api/train
     state_db="out/server.sqlite",  # training jobs
+    database_url=None,  # postgresql://...: LUTs, keys, usage and jobs there (shared by replicas), not in the files
     max_train_jobs=1,  # /api/train answers 409 while this many run
     max_batch=8,  # sequences decoded together
     max_queue=64,  # requests waiting beyond that get 503
@@ -118,9 +120,11 @@ class Service:
         self.models_dir = os.path.realpath(cfg["models_dir"])
         os.makedirs(self.models_dir, exist_ok=True)
         self.slot = ModelSlot(cfg)
-        self.store = LUTStore(cfg["lut_db"])
-        self.trainer = Trainer(cfg["state_db"], cfg["max_train_jobs"])
-        self.access = Access(cfg["state_db"], cfg["rate_limit_per_minute"], cfg["rate_limit_burst"])
+        shared = Database(cfg["database_url"]) if cfg["database_url"] else None  # one pool for all three
+        state = shared or Database(cfg["state_db"])
+        self.store = LUTStore(shared or cfg["lut_db"])
+        self.trainer = Trainer(state, cfg["max_train_jobs"])
+        self.access = Access(state, cfg["rate_limit_per_minute"], cfg["rate_limit_burst"])
         self.public_models = keys_api.read_public_models(cfg["public_models"])  # a bad file stops start-up
         self.started = time.time()
 
@@ -251,7 +255,7 @@ def error_response(e):
     """The one error handler: {"detail": ...} everywhere, OpenAI's error object under /v1."""
     if isinstance(e, APIError):
         status, message, headers, param, code = e.status, e.detail, e.headers, e.param, e.code
-    elif isinstance(e, (AccessError, JobError, LUTError)):  # each knows its status
+    elif isinstance(e, (AccessError, JobError, LUTError, StoreUnavailable)):  # each knows its status
         status, message, headers, param, code = e.status, str(e), getattr(e, "headers", {}), None, None
     elif isinstance(e, HTTPException):
         reason = {413: "request body too large", 404: "no such route", 405: "method not allowed"}.get(e.code, e.name)
@@ -289,6 +293,9 @@ def main(argv=None):
     p.add_argument("--models_dir", default="out", help="directory of trained models; model_path must be inside")
     p.add_argument("--data_dir", default="data", help="prepared datasets that /api/train may use")
     p.add_argument("--state_db", default="out/server.sqlite", help="SQLite file recording training jobs")
+    p.add_argument("--database_url", default=os.environ.get("GPT_DATABASE_URL"), help="postgresql://user@host/db: "
+                   "keep LUTs, API keys, usage and training jobs there instead of --lut_db/--state_db, shared by "
+                   "every replica (default: $GPT_DATABASE_URL)")
     p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max_queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--request_timeout", type=int, default=300, help="seconds a generation may take before 504")

@@ -1,28 +1,40 @@
 """
 Training jobs for the server: each one is `python train.py --config <out_dir>/train_config.json`
-in its own process group, recorded in SQLite so that its status survives a server restart.
+in its own process group, recorded in the state database (storage.py: SQLite, or PostgreSQL shared
+by every replica) so that its status survives a server restart and every replica serves it.
 
 A job is running, succeeded, failed or cancelled. The process's output goes to
 <out_dir>/train_output.log; its progress (iteration, losses, tokens/s) is read from the
 train_log.jsonl that train.py writes. A job that was running when the server stopped is looked
 up again by pid: still alive (and still train.py on that config) means running, otherwise its
 log says whether it finished ("done" record) or not.
+
+Replicas: the replica that starts a job runs and watches it (one runner per job) and copies its
+progress into the database every PROGRESS_EVERY seconds, so replicas on other hosts show it too;
+a cancel sent to any replica is recorded there, and the runner stops the process. max_jobs holds
+across replicas (the launch decision is taken under a database lock).
 """
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
-import statedb
+from storage import Database, Transaction
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+LAUNCH_LOCK = 7_253_115  # storage lock key: one launch decision at a time, across replicas
+PROGRESS_EVERY = 1.0  # seconds between the runner's progress copies (and cancel checks)
 
-SCHEMA = """
+# Versioned migrations (storage.Database.migrate); {id}, {real}: each engine's types. Version 2:
+# host is the runner's (only there is its pid meaningful); progress is the runner's copy of what
+# the job's files say, for replicas on other hosts.
+MIGRATIONS = ["""
 CREATE TABLE IF NOT EXISTS train_jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {id},
     status TEXT NOT NULL,            -- running | succeeded | failed | cancelled
     pid INTEGER,
     output_dir TEXT NOT NULL,        -- as the client gave it
@@ -31,9 +43,12 @@ CREATE TABLE IF NOT EXISTS train_jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     returncode INTEGER,
     error TEXT,
-    created REAL NOT NULL,
-    finished REAL
-)"""
+    created {real} NOT NULL,
+    finished {real}
+)""", """
+ALTER TABLE train_jobs ADD COLUMN host TEXT;
+ALTER TABLE train_jobs ADD COLUMN progress TEXT
+"""]
 
 
 class JobError(Exception):
@@ -44,14 +59,17 @@ class JobError(Exception):
 
 class Trainer:
 
-    def __init__(self, db_path, max_jobs=1):
-        self.db_path, self.max_jobs = db_path, max_jobs
+    def __init__(self, db, max_jobs=1):
+        """db: a storage.Database, or its SQLite path or postgresql:// URL."""
+        self.db = db if isinstance(db, Database) else Database(db)
+        self.max_jobs = max_jobs
+        self.host = socket.gethostname()
         self.lock = threading.Lock()  # one launch decision at a time in this process
         self.procs = {}  # job id -> Popen, for the jobs this process started
-        statedb.init(db_path, SCHEMA)
+        self.db.migrate("trainer", MIGRATIONS)
 
     def _db(self):
-        return statedb.connect(self.db_path)
+        return self.db.connection()
 
     # ---------------------------------------------------------------- start, cancel
 
@@ -59,41 +77,71 @@ class Trainer:
         """settings: a full train.py config (dict); writes it to out_dir/train_config.json and
         launches train.py on it. Returns the job."""
         with self.lock:
-            running = [j for j in self.list() if j["status"] == "running"]
-            if len(running) >= self.max_jobs:
-                j = running[0]
-                raise JobError(409, f"training job {j['job_id']} is still running (one job at a time); wait for it "
-                                    f"or cancel it with POST /api/train/{j['job_id']}/cancel")
-            os.makedirs(out_dir, exist_ok=True)
-            config_path = os.path.join(out_dir, "train_config.json")
-            with open(config_path, "w") as f:
-                json.dump(settings, f, indent=2)
-            for stale in ("train_log.jsonl", "train_output.log"):  # progress of an earlier run here
-                if os.path.exists(os.path.join(out_dir, stale)):
-                    os.remove(os.path.join(out_dir, stale))
-            output = open(os.path.join(out_dir, "train_output.log"), "wb")
-            # an argument list, no shell; its own session so cancel can stop it and its children
-            proc = subprocess.Popen([sys.executable, TRAIN_PY, "--config", config_path], stdout=output,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            output.close()
+            self.list()  # records jobs that ended unwatched as ended
+            with Transaction(self.db) as db:
+                db.lock(LAUNCH_LOCK)
+                running = db.execute("SELECT id FROM train_jobs WHERE status = 'running' ORDER BY id").fetchall()
+                if len(running) >= self.max_jobs:
+                    j = running[0][0]
+                    raise JobError(409, f"training job {j} is still running (one job at a time); wait for it "
+                                        f"or cancel it with POST /api/train/{j}/cancel")
+                job_id = db.insert("INSERT INTO train_jobs (status, host, output_dir, out_dir, config, created) "
+                                   "VALUES ('running', ?, ?, ?, ?, ?)",
+                                   (self.host, output_dir, out_dir, json.dumps(request_config), time.time()))
+            try:
+                proc = self._launch(settings, out_dir)
+            except OSError as e:
+                with self._db() as db:
+                    db.execute("UPDATE train_jobs SET status = 'failed', error = ?, finished = ? WHERE id = ?",
+                               (f"could not start train.py: {e}", time.time(), job_id))
+                raise JobError(500, f"could not start train.py: {e}") from None
             with self._db() as db:
-                job_id = db.execute(
-                    "INSERT INTO train_jobs (status, pid, output_dir, out_dir, config, created) "
-                    "VALUES ('running', ?, ?, ?, ?, ?)",
-                    (proc.pid, output_dir, out_dir, json.dumps(request_config), time.time())).lastrowid
+                db.execute("UPDATE train_jobs SET pid = ? WHERE id = ?", (proc.pid, job_id))
             self.procs[job_id] = proc
-        threading.Thread(target=self._watch, args=(job_id, proc), daemon=True).start()
+        threading.Thread(target=self._watch, args=(job_id, proc, out_dir), daemon=True).start()
         return self.get(job_id)
 
-    def _watch(self, job_id, proc):
-        rc = proc.wait()
+    @staticmethod
+    def _launch(settings, out_dir):
+        """Write the config and start train.py on it."""
+        os.makedirs(out_dir, exist_ok=True)
+        config_path = os.path.join(out_dir, "train_config.json")
+        with open(config_path, "w") as f:
+            json.dump(settings, f, indent=2)
+        for stale in ("train_log.jsonl", "train_output.log"):  # progress of an earlier run here
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+        output = open(os.path.join(out_dir, "train_output.log"), "wb")
+        # an argument list, no shell; its own session so cancel can stop it and its children
+        proc = subprocess.Popen([sys.executable, TRAIN_PY, "--config", config_path], stdout=output,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        output.close()
+        return proc
+
+    def _watch(self, job_id, proc, out_dir):
+        """The runner: copies progress to the database, stops the job when a cancel was recorded
+        (by any replica), and records the end."""
+        while True:
+            try:
+                rc = proc.wait(timeout=PROGRESS_EVERY)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                with self._db() as db:
+                    db.execute("UPDATE train_jobs SET progress = ? WHERE id = ?",
+                               (json.dumps(progress(out_dir)), job_id))
+                    if db.execute("SELECT cancel_requested FROM train_jobs WHERE id = ?", (job_id,)).fetchone()[0]:
+                        os.killpg(proc.pid, signal.SIGTERM)
+            except Exception:  # the database is down for a while: the job goes on, and so does this
+                pass
         with self._db() as db:
             row = db.execute("SELECT cancel_requested FROM train_jobs WHERE id = ?", (job_id,)).fetchone()
             status = "cancelled" if row["cancel_requested"] else "succeeded" if rc == 0 else "failed"
-            db.execute("UPDATE train_jobs SET status = ?, returncode = ?, finished = ?, error = ? "
+            db.execute("UPDATE train_jobs SET status = ?, returncode = ?, finished = ?, error = ?, progress = ? "
                        "WHERE id = ? AND status = 'running'",
                        (status, rc, time.time(), None if status != "failed" else f"train.py exited with {rc}",
-                        job_id))
+                        json.dumps(progress(out_dir)), job_id))
         self.procs.pop(job_id, None)
 
     def cancel(self, job_id):
@@ -102,8 +150,16 @@ class Trainer:
             raise JobError(409, f"training job {job_id} is not running (it is {job['status']})")
         with self._db() as db:
             db.execute("UPDATE train_jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            host = db.execute("SELECT host FROM train_jobs WHERE id = ?", (job_id,)).fetchone()[0]
+        if host not in (None, self.host):  # its runner, on another host, stops it within PROGRESS_EVERY
+            for _ in range(int(40 / PROGRESS_EVERY)):
+                if self.get(job_id)["status"] != "running":
+                    break
+                time.sleep(PROGRESS_EVERY)
+            return self.get(job_id)
         try:
-            os.killpg(job["process_id"], signal.SIGTERM)
+            if job["process_id"]:
+                os.killpg(job["process_id"], signal.SIGTERM)
         except ProcessLookupError:
             pass
         proc = self.procs.get(job_id)
@@ -140,8 +196,9 @@ class Trainer:
     def _refresh(self, row):
         """A job recorded as running that no thread here is watching (the server restarted):
         alive means running; gone means finished or failed, as its log says."""
-        if row["status"] != "running" or row["id"] in self.procs or _alive(row["pid"], row["out_dir"]):
-            return row
+        if (row["status"] != "running" or row["id"] in self.procs or row["host"] not in (None, self.host)
+                or row["pid"] is None or _alive(row["pid"], row["out_dir"])):
+            return row  # ended, watched here, another host's (its runner records it), being launched, or alive
         done = any(r.get("event") == "done" for r in _records(row["out_dir"]))
         status = "cancelled" if row["cancel_requested"] else "succeeded" if done else "failed"
         error = None if status != "failed" else (
@@ -152,31 +209,43 @@ class Trainer:
                        (status, error, time.time(), row["id"]))
             return db.execute("SELECT * FROM train_jobs WHERE id = ?", (row["id"],)).fetchone()
 
-    @staticmethod
-    def _describe(row, tail=20):
-        config = json.loads(row["config"])
+    def _describe(self, row, tail=20):
+        """The job as the API shows it; progress from its files where they are (the runner's host),
+        else from the runner's latest copy in the database."""
+        here = row["host"] in (None, self.host) or os.path.exists(os.path.join(row["out_dir"], "train_config.json"))
+        known = progress(row["out_dir"]) if here else json.loads(row["progress"] or "{}")
         job = {"job_id": row["id"], "status": row["status"], "process_id": row["pid"],
-               "output_dir": row["output_dir"], "config": config,
+               "output_dir": row["output_dir"], "config": json.loads(row["config"]),
                "config_path": os.path.join(row["output_dir"], "train_config.json"),
                "created": row["created"], "finished": row["finished"], "returncode": row["returncode"],
                "error": row["error"], "iteration": None, "max_iters": None, "train_loss": None,
-               "val_loss": None, "best_val_loss": None, "tokens_per_s": None}
-        for r in _records(row["out_dir"]):
-            if r.get("event") == "iter":
-                job.update(iteration=r["iter"], train_loss=r["loss"], tokens_per_s=r["tokens_per_s"])
-            elif r.get("event") == "eval":
-                job.update(iteration=r["iter"], val_loss=r["val_loss"])
-                job["best_val_loss"] = min(r["val_loss"], job["best_val_loss"] or float("inf"))
-            elif r.get("event") == "start":
-                job["iteration"] = r["iter"]
-        try:
-            with open(os.path.join(row["out_dir"], "train_config.json")) as f:
-                job["max_iters"] = json.load(f).get("max_iters")
-        except (OSError, ValueError):
-            pass
+               "val_loss": None, "best_val_loss": None, "tokens_per_s": None, **known}
+        log_tail = job.pop("log_tail", [])
         if tail:
-            job["log_tail"] = _tail(os.path.join(row["out_dir"], "train_output.log"), tail)
+            job["log_tail"] = log_tail[-tail:]
         return job
+
+
+def progress(out_dir, tail=20):
+    """A job's progress from the files train.py writes: iteration, losses, tokens/s, max_iters and
+    the last lines of its output."""
+    job = {"iteration": None, "max_iters": None, "train_loss": None, "val_loss": None, "best_val_loss": None,
+           "tokens_per_s": None}
+    for r in _records(out_dir):
+        if r.get("event") == "iter":
+            job.update(iteration=r["iter"], train_loss=r["loss"], tokens_per_s=r["tokens_per_s"])
+        elif r.get("event") == "eval":
+            job.update(iteration=r["iter"], val_loss=r["val_loss"])
+            job["best_val_loss"] = min(r["val_loss"], job["best_val_loss"] or float("inf"))
+        elif r.get("event") == "start":
+            job["iteration"] = r["iter"]
+    try:
+        with open(os.path.join(out_dir, "train_config.json")) as f:
+            job["max_iters"] = json.load(f).get("max_iters")
+    except (OSError, ValueError):
+        pass
+    job["log_tail"] = _tail(os.path.join(out_dir, "train_output.log"), tail)
+    return job
 
 
 def _alive(pid, out_dir):

@@ -238,7 +238,8 @@ def main():
     with_lut, without = decode_speeds(model, tok, lut)
     print(f"decode with the whole {len(lut)}-entry LUT: {with_lut:.1f} tok/s vs {without:.1f} without "
           f"({with_lut / without:.1%})")
-    store._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with store.db.connection() as c:
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = sum(os.path.getsize(db + ext) for ext in ("", "-wal") if os.path.exists(db + ext))
     print(f"stored: {size / len(lut) / 1024:.2f} KB per entry incl. labels and indexes")
 

@@ -128,3 +128,68 @@ class Server:
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
+
+
+# ---- PostgreSQL and Redis (the storage and rate-limit tests): real servers, as in CI. Absent on a
+# laptop: those tests skip, saying how to start them; absent in CI (CI=true): they fail.
+PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+HOW_TO_START = {
+    "PostgreSQL": "start one with trust auth and a database named test (Debian: apt-get install postgresql; "
+                  "pg_ctlcluster 15 main start; createdb -U postgres test), or set TEST_DATABASE_URL",
+    "Redis": "start one (Debian: apt-get install redis-server; redis-server --daemonize yes --port 6379), "
+             "or set TEST_REDIS_URL"}
+
+
+def require(what, error):
+    message = f"{what} is not reachable ({error}); {HOW_TO_START[what]}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (CI must run these tests, not skip them)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    import psycopg
+    try:
+        psycopg.connect(PG_URL, connect_timeout=3).close()
+    except psycopg.Error as e:
+        require("PostgreSQL", e)
+    return PG_URL
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A URL whose tables live in a fresh schema, dropped afterwards: every test starts empty."""
+    import uuid
+
+    import psycopg
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in pg_server else "?"
+    yield f"{pg_server}{sep}options=-csearch_path%3D{schema}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def redis_url():
+    """The test Redis, emptied of this project's rate-limit buckets."""
+    import redis
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
+        client.ping()
+    except redis.RedisError as e:
+        require("Redis", e)
+    for key in client.scan_iter("gpt2:bucket:*"):
+        client.delete(key)
+    return REDIS_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request, tmp_path):
+    """Each storage test runs on both engines: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store.sqlite")
+    return request.getfixturevalue("pg_url")
