@@ -5,15 +5,19 @@ Hub checkpoints map onto it directly (Conv1D weights kept in their (in, out) lay
 
 References: OpenAI's GPT-2 (tensorflow) and Hugging Face's modeling_gpt2.py.
 """
+import ctypes
 import hashlib
 import json
 import math
+import mmap
 import os
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+import kernels
 
 PRETRAINED = {  # model_type -> (n_layer, n_head, n_embd)
     "gpt2": (12, 12, 768),  # 124M
@@ -22,8 +26,10 @@ PRETRAINED = {  # model_type -> (n_layer, n_head, n_embd)
     "gpt2-xl": (48, 25, 1600),  # 1558M
 }
 HUB_ORG = "openai-community"
-# oneDNN's pre-packed linear (the op torch.compile's CPU backend uses); off where torch lacks it
-PACKED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+FEW_ROWS = 16  # up to this many rows, fp32 CPU matmuls use kernels.py (a batched decode step)
+QUANTIZE = ("int8",)  # --quantize choices (CPU): int8 weights, see kernels.py
+INT8_CPU_ONLY = ("--quantize int8 is a CPU path for float32 weights; on CUDA use --dtype float16 or bfloat16 "
+                 "(tensor cores beat int8 kernels at GPT-2's sizes)")
 
 
 class ModelLoadError(Exception):
@@ -44,40 +50,36 @@ class GPTConfig:
 
 class Conv1D(nn.Module):
     """A Linear whose weight is stored (in, out), as GPT-2's checkpoints store it, so they load
-    without a transpose; x @ W in this layout is also faster on CPU for the few-row matmuls of
-    decoding than nn.Linear's x @ W.T (bench/decode.py)."""
+    without a transpose (and memory-mapped, without a copy); x @ W in this layout is also faster on
+    CPU for the few-row matmuls of decoding than nn.Linear's x @ W.T. quantize_int8() swaps the
+    weight for int8 (kernels.py); the bias stays fp32."""
 
     def __init__(self, n_in, n_out, bias=True):
         super().__init__()
+        self.n_out = n_out
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
+        self.qweight = self.qscale = None
 
     def forward(self, x):
-        shape = x.shape[:-1] + (self.weight.size(1),)
-        batch_decode = x.dim() == 3 and x.size(0) > 1 and x.size(1) == 1  # (B, 1, C): one token per row
+        shape = x.shape[:-1] + (self.n_out,)
         x = x.reshape(-1, x.size(-1))
-        if batch_decode and self._can_pack(x):
-            y = torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+        if self.qweight is not None:
+            y = kernels.linear_int8(x, self.qweight, self.qscale, self.bias, self.n_out)
+        elif 1 < x.size(0) <= FEW_ROWS and kernels.cpu_fp32(self.weight) and kernels.fast_f32():
+            # a batch's decode step or a short prompt: kernels.py's matmul beats MKL's addmm here
+            # by 1.3-1.6x (for one row addmm is as fast)
+            y = kernels.linear_f32(x, self.weight, self.bias)
         else:
             y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
         return y.view(shape)
 
-    def _can_pack(self, x):
-        """A batch's decode step on CPU in fp32: there oneDNN with a weight pre-packed into its
-        blocked layout is 1.25-1.5x faster than MKL's addmm for 2-64 rows, while for one row addmm
-        is faster. Prefills keep addmm too, so a single-stream process (sample.py) never pays for
-        the packed copy (bench/decode.py)."""
-        return (PACKED_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled())
-
-    def _packed_weight(self):
-        """The weight in oneDNN's layout, built on first batched use (memory follows use: a
-        single-stream process never holds it) and rebuilt when the weight changes."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        if getattr(self, "_packed_key", None) != key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().t().contiguous(), 8)
-            self._packed_key = key
-        return self._packed
+    def quantize_int8(self):
+        """Replace the fp32 weight by int8 with a scale per output column. Returns the old weight."""
+        old = self.weight
+        self.qweight, self.qscale = kernels.pack_int8(old.detach())
+        self.weight = None
+        return old
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,9 +94,10 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x, cache=None, pos=None, mask=None):
+    def forward(self, x, cache=None, pos=None, lengths=None):
         """cache: (k, v) tensors (B, nh, T_cap, hs) of this layer, or None.
-        Prefill (T > 1) writes positions 0..T-1; decode (T == 1) writes each row at pos[b]."""
+        Prefill (T > 1) writes positions 0..T-1; decode (T == 1) writes each row at pos[b] and
+        attends to its first lengths[b] = pos[b] + 1 positions."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -109,18 +112,25 @@ class CausalSelfAttention(nn.Module):
                 if isinstance(pos, int):  # all rows at the same position: plain slice write
                     ck[:, :, pos] = k[:, :, 0]
                     cv[:, :, pos] = v[:, :, 0]
-                    length = pos + 1
                 else:
                     rows = torch.arange(B, device=x.device)
                     ck[rows, :, pos] = k[:, :, 0]
                     cv[rows, :, pos] = v[:, :, 0]
-                    length = mask.size(-1)
+                if kernels.cpu_fp32(q):  # reads each row's own length: no mask, no slicing
+                    y = kernels.attend_one(q, ck, cv, lengths).transpose(1, 2).reshape(B, T, C)
+                    return self.resid_dropout(self.c_proj(y))
+                length = int(lengths.max())
                 k, v = ck[:, :, :length], cv[:, :, :length]
-        dropout_p = self.dropout if self.training else 0.0
-        if T > 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:  # one query sees all cached keys; mask hides the tail of shorter rows
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if T == 1 and not self.training:  # one query sees all cached keys, in plain matmuls (torch's
+            # fused attention spends ~2 ms a call on one query on a CPU)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, 1, L)
+            if lengths is not None:  # hide the tail of shorter rows
+                att = att.masked_fill(torch.arange(k.size(2), device=x.device) >= lengths.view(B, 1, 1, 1),
+                                      float("-inf"))
+            y = att.softmax(dim=-1) @ v  # (B, nh, 1, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -147,8 +157,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, pos=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, pos, mask)
+    def forward(self, x, cache=None, pos=None, lengths=None):
+        x = x + self.attn(self.ln_1(x), cache, pos, lengths)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -165,19 +175,22 @@ class KVCache:
         self.reserve(capacity)
 
     def reserve(self, length):
-        """Make room for `length` positions per row (zeros, so masked slots are never NaN)."""
+        """Make room for `length` positions per row. Slots past a row's length are never read by
+        kernels.attend_one, so on its path they stay uninitialised (no page is touched before use);
+        elsewhere they are zeros, so masked slots are never NaN."""
         cap = self.k[0].size(2) if self.k else 0
         if length <= cap:
             return
         new_cap = min(max(length, 2 * cap), self.max_len)
         B, nh, _, hs = self.shape
-        grow = lambda old: torch.cat([old, old.new_zeros(B, nh, new_cap - cap, hs)], dim=2)
+        cpu_kernel = torch.device(self.device).type == "cpu" and self.dtype == torch.float32 and kernels.ops()
+        alloc = lambda n: (torch.empty if cpu_kernel else torch.zeros)(B, nh, n, hs, device=self.device, dtype=self.dtype)
         if self.k:
-            self.k, self.v = [grow(t) for t in self.k], [grow(t) for t in self.v]
+            self.k = [torch.cat([t, alloc(new_cap - cap)], dim=2) for t in self.k]
+            self.v = [torch.cat([t, alloc(new_cap - cap)], dim=2) for t in self.v]
         else:
-            z = lambda: torch.zeros(B, nh, new_cap, hs, device=self.device, dtype=self.dtype)
-            self.k = [z() for _ in range(self.n_layer)]
-            self.v = [z() for _ in range(self.n_layer)]
+            self.k = [alloc(new_cap) for _ in range(self.n_layer)]
+            self.v = [alloc(new_cap) for _ in range(self.n_layer)]
 
     def rows(self, lo, hi):
         """Per-layer (k, v) views of rows lo..hi-1, written through by the model."""
@@ -210,6 +223,7 @@ class GPT(nn.Module):
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.source = "scratch"  # where the weights came from, for status pages and LUT ownership
+        self.quantized = None  # "int8" after quantize_int8()
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, Conv1D)):
@@ -238,21 +252,17 @@ class GPT(nn.Module):
         device = idx.device
         B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
-        mask = None
+        lengths = None  # decode: keys each row attends to
         if cache is not None and T == 1:
-            if isinstance(pos, int):
-                positions = torch.full((B, 1), pos, dtype=torch.long, device=device)
-            else:
-                positions = pos.view(B, 1)
-                length = int(pos.max()) + 1
-                mask = (torch.arange(length, device=device)[None, :] <= pos[:, None]).view(B, 1, 1, length)
+            positions = torch.full((B, 1), pos, dtype=torch.long, device=device) if isinstance(pos, int) else pos.view(B, 1)
+            lengths = positions.view(B) + 1
         else:
             positions = torch.arange(T, dtype=torch.long, device=device)[None, :]  # (1, T)
         tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
         pos_emb = self.transformer.wpe(positions)  # (B or 1, T, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[layer], pos, mask)
+            x = block(x, None if cache is None else cache[layer], pos, lengths)
         if lut is not None:
             x = lut.apply(x)  # values are added to the final residual of matched positions
         if logits_at is not None:
@@ -265,6 +275,10 @@ class GPT(nn.Module):
 
     def _lm_head(self, x):
         w = self.lm_head.weight  # (vocab, n_embd), tied to wte
+        if self.quantized == "int8":
+            packed, scale = self._head_int8
+            return kernels.linear_int8(x.reshape(-1, x.size(-1)), packed, scale, None, w.size(0)).view(
+                *x.shape[:-1], w.size(0))
         if torch.is_grad_enabled() or x.device.type != "cpu":
             return self.lm_head(x)
         # Inference on CPU: a contiguous (n_embd, vocab) copy makes this, the largest matmul of a
@@ -276,8 +290,31 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ loading and saving
 
+    def quantize_int8(self, release=lambda weight: None):
+        """int8 weights (one scale per output column, kernels.py) for every Conv1D of the blocks and
+        for the tied output projection; embeddings, LayerNorms and biases stay fp32. CPU inference
+        only. release(w) gets each fp32 weight once it is packed (a mapped file gives back its
+        pages). The fingerprint stays the fp32 one: LUTs taught on either model serve both."""
+        if self.transformer.wte.weight.device.type != "cpu" or self.transformer.wte.weight.dtype != torch.float32:
+            raise ModelLoadError(INT8_CPU_ONLY)
+        if kernels.ops() is None:
+            raise ModelLoadError("--quantize int8 needs its CPU kernel, which could not be built here "
+                                 "(a C++ compiler, g++, is required; see the log)")
+        self._fingerprint = self.fingerprint()
+        self.requires_grad_(False)
+        for block in self.transformer.h:
+            for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                release(layer.quantize_int8())
+        wte = self.transformer.wte.weight
+        self._head_int8 = kernels.pack_int8(wte.detach().t())
+        release(wte)  # its rows are read back one by one, as embeddings
+        self.quantized = "int8"
+        return self
+
     def fingerprint(self):
         """Short id of this exact set of weights: a LUT trained on one model is refused by another."""
+        if self.quantized:
+            return self._fingerprint
         h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
         for t in (self.transformer.wte.weight[:64], self.transformer.ln_f.weight,
                   self.transformer.h[-1].mlp.c_proj.weight[:8], self.transformer.wpe.weight[:8]):
@@ -285,13 +322,13 @@ class GPT(nn.Module):
         return h.hexdigest()[:16]
 
     @classmethod
-    def from_pretrained(cls, model_type, dropout=0.0):
+    def from_pretrained(cls, model_type, dropout=0.0, quantize=None):
         """GPT-2 weights from the Hugging Face Hub (openai-community/<model_type>, model.safetensors),
-        through huggingface_hub's cache: HF_HOME and HF_HUB_OFFLINE are honoured."""
+        through huggingface_hub's cache: HF_HOME and HF_HUB_OFFLINE are honoured. The file is
+        memory-mapped, not copied; quantize="int8" packs each weight and gives its pages back."""
         if model_type not in PRETRAINED:
             raise ModelLoadError(f"unknown model_type {model_type!r}; choose one of {', '.join(PRETRAINED)}")
         from huggingface_hub import hf_hub_download
-        from safetensors.torch import load_file
         repo = f"{HUB_ORG}/{model_type}"
         try:
             hub_config = json.load(open(hf_hub_download(repo, "config.json")))
@@ -309,11 +346,13 @@ class GPT(nn.Module):
             block_size=hub_config.get("n_positions", 1024), bias=True, dropout=dropout,
             layer_norm_epsilon=hub_config.get("layer_norm_epsilon", 1e-5))
         try:
-            hub_state = load_file(weights_path)
-        except Exception as e:
+            weights = MappedSafetensors(weights_path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelLoadError(f"{weights_path} is not a readable safetensors file: {e}") from None
-        model = cls.from_state_dict(config, hf_to_ours(hub_state), weights_path)
+        model = cls.from_state_dict(config, hf_to_ours(weights.tensors), weights_path)
         model.source = model_type
+        if quantize:
+            model.quantize_int8(release=weights.release)
         return model
 
     @classmethod
@@ -368,6 +407,48 @@ class GPT(nn.Module):
 
 # ---------------------------------------------------------------------- choosing and loading
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class MappedSafetensors:
+    """A .safetensors file (8-byte header size, JSON header, raw tensors) mapped into memory: each
+    tensor is a view of the file, so nothing is copied, pages are read on first touch and fp32
+    decoding holds the weights once (safetensors' load_file reads them all into fresh memory).
+    The mapping is private: training may update the tensors without touching the file."""
+
+    def __init__(self, path):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError("bad header size")
+            header = json.loads(f.read(n))
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{name} has dtype {info['dtype']}; supported: {', '.join(SAFETENSORS_DTYPES)}")
+            begin, end = info["data_offsets"]
+            count = math.prod(info["shape"])
+            if end - begin != count * dtype.itemsize or not 0 <= begin <= end <= size - 8 - n:
+                raise ValueError(f"{name}: its offsets do not match its shape")
+            self.tensors[name] = (torch.frombuffer(self.map, dtype=dtype, count=count, offset=8 + n + begin)
+                                  if count else torch.empty(0, dtype=dtype)).view(info["shape"])
+
+    def release(self, tensor):
+        """Give back the pages of a tensor no longer needed (e.g. packed to int8); touched again,
+        they are read back from the file."""
+        start = tensor.data_ptr() - self.addr
+        end = start + tensor.numel() * tensor.element_size()
+        lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+        if 0 <= lo < hi <= len(self.map):
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def hf_to_ours(hf_state):
     """A GPT-2 state dict in Hugging Face's naming (the Hub files have no 'transformer.' prefix,
     save_pretrained's do) to ours. Conv1D weights are (in, out) in both, so nothing is transposed."""
@@ -404,11 +485,16 @@ def find_checkpoint(path):
     return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
 
 
-def load_model(init_from, device="cpu", dtype=torch.float32):
+def load_model(init_from, device="cpu", dtype=torch.float32, quantize=None):
     """init_from: a GPT-2 type (gpt2, gpt2-medium, ...) or a checkpoint (file or out/ directory).
-    Returns the model in eval mode; model.tokenizer_spec says how to tokenize for it."""
+    quantize: None or "int8" (CPU, float32 only; kernels.py). Returns the model in eval mode;
+    model.tokenizer_spec says how to tokenize for it."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ModelLoadError(f"unknown quantize {quantize!r}; use {', '.join(QUANTIZE)} or leave it out")
+    if quantize and (device != "cpu" or dtype != torch.float32):
+        raise ModelLoadError(INT8_CPU_ONLY)
     if init_from in PRETRAINED:
-        model = GPT.from_pretrained(init_from)
+        model = GPT.from_pretrained(init_from, quantize=quantize)
         model.tokenizer_spec = {"type": "tiktoken", "name": "gpt2"}
     elif init_from.startswith("gpt2"):
         raise ModelLoadError(f"unknown model type {init_from!r}; choose one of {', '.join(PRETRAINED)}")
@@ -419,4 +505,6 @@ def load_model(init_from, device="cpu", dtype=torch.float32):
                                  f"nor a checkpoint file or directory")
         model, ckpt = GPT.from_checkpoint(path)
         model.tokenizer_spec = ckpt.get("tokenizer") or {"type": "tiktoken", "name": "gpt2"}
+        if quantize:
+            model.quantize_int8()
     return model.to(device=device, dtype=dtype).eval()

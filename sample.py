@@ -3,13 +3,14 @@ Sample from a GPT-2 or a model trained here, optionally through a user's LUT.
 
     python sample.py --init_from gpt2 --start "The meaning of life is" --num_samples 2
     python sample.py --init_from out/shakespeare_char --start FILE:prompt.txt --temperature 0.8
+    python sample.py --init_from gpt2-xl --quantize int8 --start "Hello"
     python sample.py --lut_name user_123 --lut_db out/luts.sqlite --start "TLG Capital is"
 """
 import argparse
 import sys
 
 from generate import GenerationError, SamplingParams, generate
-from model import ModelLoadError, load_model, resolve_device
+from model import QUANTIZE, ModelLoadError, load_model, resolve_device
 from tokenizer import get_tokenizer
 
 
@@ -31,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when present)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations dtype (float16 only on CUDA)")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE, help="int8: weights in int8 with a scale per "
+                   "output column, 3-4x faster decoding on a CPU (see kernels.py); default: none")
     p.add_argument("--lut_name", default=None, help="apply this user's LUT (see lut.py)")
     p.add_argument("--lut_db", default="out/luts.sqlite", help="the SQLite file holding the LUTs")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one sample at a time)")
@@ -51,7 +54,7 @@ def main(argv=None):
             raise GenerationError("--num_samples must be >= 1")
         prompt = read_prompt(args.start)
         device, dtype = resolve_device(args.device, args.dtype)
-        model = load_model(args.init_from, device, dtype)
+        model = load_model(args.init_from, device, dtype, args.quantize)
         tokenizer = get_tokenizer(model.tokenizer_spec)
         lut = None
         if args.lut_name:

@@ -1,0 +1,133 @@
+"""
+int8 weights (--quantize int8), the CPU kernels behind them (kernels.py) and memory-mapped loading.
+The kernels are checked against the same arithmetic written in plain torch; the quantized model
+against the fp32 one; LUTs across the two.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from conftest import ROOT
+from generate import SamplingParams, generate
+from model import GPT, GPTConfig, MappedSafetensors, ModelLoadError, load_model
+
+pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="the CPU kernels could not be built here")
+
+
+def int8_reference(x, w, bias):
+    """What mm_q8 computes: w int8 per output column, x int8 per block of 32 inputs."""
+    scale = w.abs().amax(0).clamp(min=1e-30) / 127
+    wq = torch.round(w / scale).clamp(-127, 127)
+    K = x.size(1)
+    Kp = -(-K // 32) * 32
+    blocks = torch.nn.functional.pad(x, (0, Kp - K)).view(x.size(0), -1, 32)
+    xs = blocks.abs().amax(-1, keepdim=True) / 127
+    xq = torch.where(xs > 0, torch.round(blocks / xs.clamp(min=1e-30)), 0.0)
+    return ((xq * xs).view(x.size(0), Kp)[:, :K] @ wq) * scale + bias
+
+
+@pytest.mark.parametrize("K,N", [(64, 192), (96, 200), (40, 70), (768, 64)])
+def test_int8_matmul_is_the_documented_arithmetic_and_close_to_fp32(K, N):
+    torch.manual_seed(0)
+    w, bias = torch.randn(K, N) * 0.02, torch.randn(N)
+    packed, scale = kernels.pack_int8(w)
+    for rows in (1, 2, 3, 5, 8, 37):  # the 4-, 2- and 1-row paths and a prefill
+        x = torch.randn(rows, K)
+        y = kernels.linear_int8(x, packed, scale, bias, N)
+        torch.testing.assert_close(y, int8_reference(x, w, bias), rtol=1e-4, atol=1e-5)
+        exact = torch.addmm(bias, x, w)
+        assert ((y - exact).norm() / (exact - bias).norm()) < 0.03  # ~1% per matmul in practice
+
+
+def test_decode_attention_reads_each_row_up_to_its_length_only():
+    torch.manual_seed(0)
+    B, nh, cap, hs = 3, 4, 20, 16
+    q = torch.randn(B, nh, 1, hs)
+    k, v = torch.randn(B, nh, cap, hs), torch.randn(B, nh, cap, hs)
+    lengths = torch.tensor([1, 7, 20])
+    for b, n in enumerate(lengths.tolist()):  # what lies past a row's length must not matter
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("inf")
+    with torch.inference_mode():
+        y = kernels.attend_one(q, k, v, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        ref = torch.softmax(q[b] @ k[b, :, :n].transpose(-1, -2) / hs ** 0.5, -1) @ v[b, :, :n]
+        torch.testing.assert_close(y[b], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_model_follows_the_fp32_model(tiny):
+    model, tok = tiny
+    q = load_model("gpt2", quantize="int8")
+    assert q.quantized == "int8" and q.fingerprint() == model.fingerprint()  # LUTs serve both
+    assert all(block.mlp.c_fc.weight is None for block in q.transformer.h)  # no fp32 copy kept
+    idx = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog")])
+    with torch.inference_mode():
+        ref, _ = model(idx)
+        out, _ = q(idx)
+    assert (out - ref).norm() / ref.norm() < 0.05
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # batched decoding with rows of different lengths takes the same kernels as a single stream
+    params = SamplingParams(max_new_tokens=12, do_sample=False, ignore_eos=True)
+    prompts = [tok.encode("Hello there"), tok.encode("A longer prompt than the first one, by far")]
+    together = generate(q, tok, prompts, params, max_batch=2)
+    alone = [generate(q, tok, [p], params, max_batch=1)[0] for p in prompts]
+    assert [s.out_ids for s in together] == [s.out_ids for s in alone]
+
+
+def test_a_lut_taught_on_fp32_recalls_on_int8_and_back(tiny, tmp_path):
+    from lut import LUTStore
+    model, tok = tiny
+    q = load_model("gpt2", quantize="int8")
+    store = LUTStore(str(tmp_path / "luts.sqlite"))
+    store.teach(model, tok, "u1", "TLG Capital is an asset management firm.")  # taught on fp32
+    store.teach(q, tok, "u2", "Quillmere Station opens at dawn.")  # taught on int8
+    params = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
+    for name, prompt, rest, other in (("u1", "Fun fact: TLG Capital is", " an asset management firm.", q),
+                                      ("u2", "Quillmere Station", " opens at dawn.", model)):
+        out = generate(other, tok, [prompt], params, [store.load(name, other)])[0]
+        assert out.text.startswith(rest)
+    store.close()
+
+
+def test_mapped_safetensors_views_the_file_and_gives_pages_back(hf_tiny, tmp_path):
+    from safetensors.torch import save_file
+    path = str(tmp_path / "m.safetensors")
+    tensors = {"a": torch.randn(300, 700), "b": torch.arange(10, dtype=torch.float32), "e": torch.empty(0, 3)}
+    save_file(tensors, path)
+    mapped = MappedSafetensors(path)
+    for name, t in tensors.items():
+        assert torch.equal(mapped.tensors[name], t)
+    a = mapped.tensors["a"]
+    assert mapped.addr <= a.data_ptr() < mapped.addr + len(mapped.map)  # a view of the mapping, not a copy
+    mapped.release(a)
+    assert torch.equal(a, tensors["a"])  # read back from the file when touched again
+    with open(path, "r+b") as f:  # a header that lies about its size
+        f.write((10 ** 9).to_bytes(8, "little"))
+    with pytest.raises(ValueError):
+        MappedSafetensors(path)
+
+
+def test_quantize_is_refused_where_it_cannot_work(hf_tiny):
+    with pytest.raises(ModelLoadError, match="unknown quantize"):
+        load_model("gpt2", quantize="int4")
+    with pytest.raises(ModelLoadError, match="CPU path"):
+        load_model("gpt2", dtype=torch.bfloat16, quantize="int8")
+    with pytest.raises(ModelLoadError, match="CPU path"):
+        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16)).to(torch.bfloat16).quantize_int8()
+
+
+def test_sample_py_quantized_from_a_checkpoint(hf_tiny, tmp_path, cli_env):
+    model = load_model("gpt2")
+    torch.save({"model_args": model.config.__dict__, "model": model.state_dict()}, tmp_path / "ckpt.pt")
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--init_from", str(tmp_path),
+                                     "--start", "Hello", "--max_new_tokens", "8", "--greedy", "--device", "cpu", *a],
+                                    env=cli_env, capture_output=True, text=True, timeout=300)
+    fp32, int8 = run(), run("--quantize", "int8")
+    assert fp32.returncode == 0 and int8.returncode == 0, int8.stderr
+    assert int8.stdout.startswith("Hello")
+    bad = run("--quantize", "int3")
+    assert bad.returncode == 2 and "--quantize" in bad.stderr
