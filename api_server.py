@@ -35,7 +35,7 @@ from api_common import APIError, resolve_model_path, trained_models
 from engine import Engine, QueueFull
 from generate import GenerationError
 from lut import LUTError, LUTStore
-from model import PRETRAINED, ModelLoadError, find_checkpoint, load_model, resolve_device
+from model import PRETRAINED, QUANTIZE, ModelLoadError, find_checkpoint, load_model, resolve_device
 from storage import Database, StoreUnavailable
 from tokenizer import get_tokenizer
 from trainer import JobError, Trainer
@@ -47,11 +47,13 @@ DEFAULTS = dict(
     model_path=None,
     device="auto",
     dtype="float32",
+    quantize=None,  # "int8": int8 weights on the CPU (model.py, kernels.py)
     lut_db="out/luts.sqlite",
     models_dir="out",
     data_dir="data",  # prepared datasets for /api/train
     state_db="out/server.sqlite",  # training jobs
     database_url=None,  # postgresql://...: LUTs, keys, usage and jobs there (shared by replicas), not in the files
+    redis_url=None,  # redis://...: rate-limit buckets there, shared by replicas (else per process)
     max_train_jobs=1,  # /api/train answers 409 while this many run
     max_batch=8,  # sequences decoded together
     max_queue=64,  # requests waiting beyond that get 503
@@ -82,7 +84,7 @@ class ModelSlot:
 
     def load(self, init_from, name):
         device, dtype = resolve_device(self.cfg["device"], self.cfg["dtype"])
-        model = load_model(init_from, device, dtype)
+        model = load_model(init_from, device, dtype, self.cfg["quantize"])
         tokenizer = get_tokenizer(model.tokenizer_spec)
         engine = Engine(model, tokenizer, self.cfg["max_batch"], self.cfg["max_queue"])
         with self.lock:
@@ -124,7 +126,7 @@ class Service:
         state = shared or Database(cfg["state_db"])
         self.store = LUTStore(shared or cfg["lut_db"])
         self.trainer = Trainer(state, cfg["max_train_jobs"])
-        self.access = Access(state, cfg["rate_limit_per_minute"], cfg["rate_limit_burst"])
+        self.access = Access(state, cfg["rate_limit_per_minute"], cfg["rate_limit_burst"], cfg["redis_url"])
         self.public_models = keys_api.read_public_models(cfg["public_models"])  # a bad file stops start-up
         self.started = time.time()
 
@@ -289,6 +291,8 @@ def main(argv=None):
     p.add_argument("--model_path", default=None, help="checkpoint to load instead (inside --models_dir)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--quantize", default=None, choices=QUANTIZE, help="int8: int8 weights on the CPU, 3-4x faster "
+                   "decoding (default: none; $GPT_QUANTIZE under gunicorn)")
     p.add_argument("--lut_db", default="out/luts.sqlite", help="SQLite file holding the LUTs")
     p.add_argument("--models_dir", default="out", help="directory of trained models; model_path must be inside")
     p.add_argument("--data_dir", default="data", help="prepared datasets that /api/train may use")
@@ -296,6 +300,9 @@ def main(argv=None):
     p.add_argument("--database_url", default=os.environ.get("GPT_DATABASE_URL"), help="postgresql://user@host/db: "
                    "keep LUTs, API keys, usage and training jobs there instead of --lut_db/--state_db, shared by "
                    "every replica (default: $GPT_DATABASE_URL)")
+    p.add_argument("--redis_url", default=os.environ.get("GPT_REDIS_URL"), help="redis://host:6379/0: keep the "
+                   "rate limits there, shared by every replica; if Redis is down, limits fall back to per process "
+                   "(default: $GPT_REDIS_URL)")
     p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max_queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--request_timeout", type=int, default=300, help="seconds a generation may take before 504")

@@ -81,7 +81,7 @@ def models_current():
         return jsonify(model_id=None, loaded=False, detail=slot.error)
     model = slot.model
     return jsonify(model_id=slot.name, loaded=True, device=str(next(model.parameters()).device),
-                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."), quantize=model.quantized,
                    parameters=model.get_num_params(), config=dataclasses.asdict(model.config))
 
 

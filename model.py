@@ -56,7 +56,7 @@ class Conv1D(nn.Module):
 
     def __init__(self, n_in, n_out, bias=True):
         super().__init__()
-        self.n_out = n_out
+        self.n_in, self.n_out = n_in, n_out
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
         self.qweight = self.qscale = None
@@ -234,7 +234,8 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        n_params = sum(p.numel() for p in self.parameters())
+        n_params = sum(p.numel() for p in self.parameters()) + sum(  # int8 weights are buffers
+            m.n_in * m.n_out for m in self.modules() if isinstance(m, Conv1D) and m.qweight is not None)
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params

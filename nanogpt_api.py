@@ -27,6 +27,7 @@ def status():
     model = slot.model
     out = {"status": "online", "model_loaded": slot.engine is not None, "model": slot.name,
            "device": str(next(model.parameters()).device) if model is not None else None,
+           "quantize": model.quantized if model is not None else None,
            "timestamp": time.time(), "uptime_s": round(time.time() - svc.started, 1)}
     if slot.engine is None:
         out["detail"] = slot.error

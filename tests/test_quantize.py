@@ -131,3 +131,17 @@ def test_sample_py_quantized_from_a_checkpoint(hf_tiny, tmp_path, cli_env):
     assert int8.stdout.startswith("Hello")
     bad = run("--quantize", "int3")
     assert bad.returncode == 2 and "--quantize" in bad.stderr
+
+
+def test_server_serves_an_int8_model_and_its_luts(hf_tiny, tmp_path):
+    from api_server import create_app
+    app = create_app({"model_type": "gpt2", "device": "cpu", "quantize": "int8", "anonymous_rate_per_minute": 0,
+                      "lut_db": str(tmp_path / "luts.sqlite"), "state_db": str(tmp_path / "server.sqlite"),
+                      "models_dir": str(tmp_path / "out")})
+    client = app.test_client()
+    assert client.get("/api/status").get_json()["quantize"] == "int8"
+    assert client.get("/models/current").get_json()["quantize"] == "int8"
+    r = client.post("/train_lut", json={"label": "TLG Capital is an asset management firm.", "lut_name": "u1"})
+    assert r.status_code == 200, r.get_json()
+    out = client.post("/generate", json={"prompt": "TLG Capital is", "length": 6, "lut_name": "u1"}).get_json()
+    assert out["generated_text"].startswith("TLG Capital is an asset management firm")
