@@ -25,10 +25,10 @@ import os
 import re
 import secrets
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
+from ratelimit import LocalBuckets, RedisBuckets
 from storage import Database
 
 # Versioned migrations (storage.Database.migrate); {id}, {real}: each engine's types.
@@ -92,12 +92,12 @@ def hash_key(secret):
 
 class Access:
 
-    def __init__(self, db, rate_per_minute=60, burst=10):
-        """db: a storage.Database, or its SQLite path or postgresql:// URL."""
+    def __init__(self, db, rate_per_minute=60, burst=10, redis_url=None):
+        """db: a storage.Database, or its SQLite path or postgresql:// URL. redis_url: keep the rate
+        limits' buckets (key ids, "anon:<address>", ...) in Redis, shared by every replica."""
         self.db = db if isinstance(db, Database) else Database(db)
         self.rate_per_minute, self.burst = rate_per_minute, burst
-        self._buckets = {}  # key id or "anon:<address>" -> (tokens, time): this process's rate limits
-        self._lock = threading.Lock()
+        self.buckets = RedisBuckets(redis_url) if redis_url else LocalBuckets()
         self.db.migrate("access", MIGRATIONS)
 
     def _db(self):
@@ -180,16 +180,11 @@ class Access:
     def take(self, bucket, rate_per_minute, burst):
         """Token bucket: `burst` requests at once, refilled at rate_per_minute; 429 when empty."""
         rate = rate_per_minute / 60.0
-        with self._lock:
-            now = time.monotonic()
-            tokens, last = self._buckets.get(bucket, (burst, now))
-            tokens = min(burst, tokens + (now - last) * rate)
-            if tokens < 1:
-                self._buckets[bucket] = (tokens, now)
-                wait = math.ceil((1 - tokens) / rate)
-                raise AccessError(429, f"rate limit of {rate_per_minute} requests per minute (burst {burst}) "
-                                       f"reached; retry in {wait} s", {"Retry-After": str(wait)})
-            self._buckets[bucket] = (tokens - 1, now)
+        taken, tokens = self.buckets.take(bucket, rate, burst)
+        if not taken:
+            wait = math.ceil((1 - tokens) / rate)
+            raise AccessError(429, f"rate limit of {rate_per_minute} requests per minute (burst {burst}) "
+                                   f"reached; retry in {wait} s", {"Retry-After": str(wait)})
 
     def record(self, app_id, key_id, method, route, model, lut_name, prompt_tokens, completion_tokens,
                latency_ms, status):

@@ -43,6 +43,11 @@ class StoreUnavailable(Exception):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+def redact(url):
+    """url without its password: for logs."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
 def is_url(target):
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
@@ -64,7 +69,7 @@ class Database:
             import psycopg  # noqa: F401  (fail at start-up, not at the first request, if it is missing)
 
     def __repr__(self):
-        return f"Database({re.sub(r'//[^@/]*@', '//***@', self.target)!r})"  # no password in logs
+        return f"Database({redact(self.target)!r})"
 
     # ---- connections
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, Proxy
 from lut import LUTError, LUTStore, build_entries
 from storage import Database, StoreUnavailable, Transaction
 
@@ -222,54 +222,6 @@ def test_training_job_shared_by_two_trainers(db_target, tmp_path, cli_env):
 
 
 # ---- the database goes away and comes back
-
-class Proxy:
-    """A TCP relay in front of PostgreSQL that can be cut and restored: an outage on demand."""
-
-    def __init__(self, host, port):
-        self.target = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.up, self.conns = True, []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            client, _ = self.listener.accept()
-            if not self.up:
-                client.close()
-                continue
-            server = socket.create_connection(self.target)
-            self.conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b):
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self):
-        self.up = False
-        for s in self.conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.conns = []
-
-    def restore(self):
-        self.up = True
-
 
 def test_postgres_outage_is_503_with_retry_after_then_service_resumes(pg_url, hf_tiny, tmp_path):
     from urllib.parse import urlsplit
