@@ -16,7 +16,7 @@ import os
 import threading
 import time
 
-from flask import Flask, g, has_request_context, jsonify, request
+from flask import Flask, current_app, g, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
@@ -25,6 +25,7 @@ import keys_api
 import locallab_api
 import lut_api
 import luts_api
+import metrics
 import nanogpt_api
 import openai_api
 import openapi
@@ -69,7 +70,7 @@ DEFAULTS = dict(
     max_teach_labels=256,  # labels per POST /luts/<name>/labels (413 beyond)
 )
 BLUEPRINTS = (lut_api.bp, nanogpt_api.bp, locallab_api.bp, tgi_api.bp, openai_api.bp, keys_api.bp, luts_api.bp,
-              playground.bp)
+              playground.bp, metrics.bp)
 
 
 class ModelSlot:
@@ -124,7 +125,8 @@ class Service:
         self.slot = ModelSlot(cfg)
         shared = Database(cfg["database_url"]) if cfg["database_url"] else None  # one pool for all three
         state = shared or Database(cfg["state_db"])
-        self.store = LUTStore(shared or cfg["lut_db"])
+        self.metrics = metrics.Metrics(redis=bool(cfg["redis_url"]))
+        self.store = LUTStore(shared or cfg["lut_db"], observe=self.metrics.observe)
         self.trainer = Trainer(state, cfg["max_train_jobs"])
         self.access = Access(state, cfg["rate_limit_per_minute"], cfg["rate_limit_burst"], cfg["redis_url"])
         self.public_models = keys_api.read_public_models(cfg["public_models"])  # a bad file stops start-up
@@ -193,6 +195,7 @@ class Service:
                            code="context_length_exceeded")
         try:
             job = engine.submit(ids, params, lut)
+            self.metrics.track(job)
         except QueueFull as e:
             raise APIError(503, str(e), {"Retry-After": "1"}) from None
         except GenerationError as e:
@@ -259,6 +262,9 @@ def error_response(e):
         status, message, headers, param, code = e.status, e.detail, e.headers, e.param, e.code
     elif isinstance(e, (AccessError, JobError, LUTError, StoreUnavailable)):  # each knows its status
         status, message, headers, param, code = e.status, str(e), getattr(e, "headers", {}), None, None
+        if isinstance(e, StoreUnavailable):
+            log.warning("%s %s: %s", request.method, request.path, e)
+            current_app.extensions["gpt"].metrics.store_errors.inc()
     elif isinstance(e, HTTPException):
         reason = {413: "request body too large", 404: "no such route", 405: "method not allowed"}.get(e.code, e.name)
         status, message, headers, param, code = e.code, f"{reason}: {request.method} {request.path}", {}, None, None

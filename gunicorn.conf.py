@@ -4,8 +4,14 @@ One worker process owns the model (each worker would hold its own copy of the we
 engine inside it batches concurrent requests, so the worker needs many threads, not processes.
 The app is created after the fork (no preload), so no torch state crosses a fork.
 Configure the app with GPT_* environment variables (see api_server.create_app).
+
+Metrics: prometheus_client's multiprocess mode. Each worker writes its metrics to files in
+PROMETHEUS_MULTIPROC_DIR (set here unless given; emptied at start-up) and GET /metrics sums every
+worker's; a worker that exits has its live gauges dropped.
 """
 import os
+import shutil
+import tempfile
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:5000")
 workers = 1
@@ -16,6 +22,17 @@ timeout = 600  # a long generation must not get the worker killed
 graceful_timeout = 60
 keepalive = 5
 accesslog = "-"
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), f"gpt2lut-metrics-{os.getpid()}"))
+
+
+def on_starting(server):
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)  # counts of an earlier run
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_fork(server, worker):

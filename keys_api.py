@@ -16,8 +16,9 @@ from model import PRETRAINED
 log = logging.getLogger("api_server")
 bp = Blueprint("keys_api", __name__)
 
-PUBLIC_PATHS = ("/health", "/public/models", "/openapi.json", "/docs", "/playground")  # open even with API keys
-UNLIMITED_PATHS = ("/health", "/docs", "/playground")  # no rate limit: liveness and static pages
+PUBLIC_PATHS = ("/health", "/public/models", "/openapi.json", "/docs", "/playground",  # open even with API keys
+                "/metrics")  # Prometheus scrapes without a key; metrics.py says why that is safe
+UNLIMITED_PATHS = ("/health", "/docs", "/playground", "/metrics")  # no rate limit: liveness, static pages, scrapes
 # Endpoints by function name (the blueprint's name left off, as in the OpenAPI operationIds).
 ADMIN_ENDPOINTS = {"load_model_route", "models_load", "models_unload", "models_start", "models_stop", "api_train",
                    "api_train_cancel", "create_key", "list_keys", "revoke_key"}

@@ -161,6 +161,7 @@ class LUT:
         """evidence: list of int token lists (the trigger's tokens, oldest first); min_len, targets:
         (N,) ints; values: (N, C) tensor. Entries are in teaching order (later = newer)."""
         self.name, self.model_id, self.version = name, model_id, version
+        self.observe = None  # the store's observe(event, value): counts entries that fire (/metrics)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.values = values
         # last token -> (entry ids, reversed evidence (n, L) padded -1, lengths, min_len, the smallest
@@ -241,6 +242,8 @@ class LUTBatch:
                     positions.append(t - start)
                     entries.append(e)
         for lut, rows, positions, entries in found.values():
+            if lut.observe is not None:
+                lut.observe("fired", len(entries))
             self.hits.append((torch.tensor(rows), torch.tensor(positions), lut.values[entries],
                               torch.from_numpy(lut.targets[entries])))
 
@@ -486,10 +489,12 @@ class LUTStore:
     LUTs are cached (LRU) and revalidated against the LUT's version on every use (one primary-key
     lookup), so a write by any process or replica is seen by the next load."""
 
-    def __init__(self, path, cache_size=64):
-        """path: a SQLite file, a postgresql:// URL, or a storage.Database."""
+    def __init__(self, path, cache_size=64, observe=None):
+        """path: a SQLite file, a postgresql:// URL, or a storage.Database. observe(event, value):
+        told of cache hits and misses, teach times and entries that fire (the server's metrics)."""
         self.db = path if isinstance(path, Database) else Database(path)
         self.cache_size = cache_size
+        self.observe = observe or (lambda event, value=1: None)
         self._cache = collections.OrderedDict()  # (name, device) -> LUT
         self._directions = collections.defaultdict(dict)  # model id -> {token: u} (solve_values)
         self._lock = threading.Lock()
@@ -513,6 +518,7 @@ class LUTStore:
     def teach(self, model, tokenizer, lut_name, label, label_context=None):
         """Teach `label` to LUT `lut_name`. Returns {"added": entries added, "replaced": ...}."""
         self.check_name(lut_name)
+        started = time.perf_counter()
         context = label_context or ""
         digest = label_digest(label, context)
         model_id = model.fingerprint()
@@ -538,6 +544,7 @@ class LUTStore:
                 return {"added": 0, "replaced": 0}
             replaced = self._insert(db, lut_name, label_id, entries)
             db.execute("UPDATE luts SET version = version + 1 WHERE name=?", (lut_name,))
+        self.observe("teach", time.perf_counter() - started)
         return {"added": len(entries["target"]), "replaced": replaced}
 
     @staticmethod
@@ -605,8 +612,11 @@ class LUTStore:
             cached = self._cache.get(key)
             if cached is not None and cached.version == row[2]:
                 self._cache.move_to_end(key)
+                self.observe("cache_hit")
                 return cached
+        self.observe("cache_miss")
         lut = self._read(lut_name, row[0], row[2], model.config.n_embd).to(p.device)
+        lut.observe = self.observe
         with self._lock:
             self._cache[key] = lut
             self._cache.move_to_end(key)

@@ -97,13 +97,15 @@ ROUTES = {
     "v1_chat_completions": ("OpenAI", "Chat completions (lut_name selects the LUT)", obj(
         ["model", "messages"], messages=MESSAGES, logprobs=BOOL, top_logprobs=INT, max_completion_tokens=INT,
         continue_final_message=BOOL, **OPENAI), {}),
+    "metrics_route": ("monitoring", "Prometheus metrics (no key needed; see metrics.py)", None, {}),
     "openapi_json": ("docs", "This document", None, {}),
     "docs": ("docs", "Interactive API docs (Swagger UI)", None, {}),
     "docs_asset": ("docs", "A file of the Swagger UI", None, {}),
     "playground": ("docs", "The browser playground: teach, compare with and without the LUT, chat", None, {}),
     "playground_asset": ("docs", "A file of the playground (CSS, JavaScript)", None, {}),
 }
-PUBLIC = {"health", "public_models", "openapi_json", "docs", "docs_asset", "playground", "playground_asset"}
+PUBLIC = {"health", "public_models", "openapi_json", "docs", "docs_asset", "playground", "playground_asset",
+          "metrics_route"}
 ERROR = obj(detail=STR, error=obj(message=STR, type=STR, param=STR, code=STR))
 PARAM = re.compile(r"<(?:(\w+):)?(\w+)>")
 

@@ -242,6 +242,7 @@ def test_postgres_outage_is_503_with_retry_after_then_service_resumes(pg_url, hf
         assert r.status_code == 503 and r.headers["Retry-After"], r.get_json()
         assert "database" in r.get_json()["detail"]
     assert c.get("/health").status_code == 200  # the process itself is fine
+    assert "gpt2lut:store_errors_total 5.0" in c.get("/metrics").get_data(as_text=True)
     proxy.restore()
     deadline = time.time() + 15  # the pool reconnects by itself within seconds: no restart
     while (r := c.post("/generate", json={"prompt": "TLG Capital is", "length": 6, "lut_name": "u1",
