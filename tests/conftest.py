@@ -130,6 +130,14 @@ class Server:
         self.proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def module_server(hf_tiny, tmp_path_factory):
+    """One live `python api_server.py` shared by a test module's tests (and their state)."""
+    s = Server(str(tmp_path_factory.mktemp("server")), script_env()).start()
+    yield s
+    s.stop()
+
+
 
 # ---- PostgreSQL and Redis (the storage and rate-limit tests): real servers, as in CI. Absent on a
 # laptop: those tests skip, saying how to start them; absent in CI (CI=true): they fail.

@@ -8,20 +8,11 @@ import subprocess
 import sys
 import time
 
-import pytest
 import requests
 
-from conftest import ROOT, Server
+from conftest import ROOT
 
 CLIENT = os.path.join(ROOT, "api_client.py")
-
-
-@pytest.fixture(scope="module")
-def server(hf_tiny, tmp_path_factory):
-    from conftest import script_env
-    s = Server(str(tmp_path_factory.mktemp("client")), script_env()).start()
-    yield s
-    s.stop()
 
 
 def client(server, env, *args, stdin=None):
@@ -29,24 +20,24 @@ def client(server, env, *args, stdin=None):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_generate_stream_prints_what_generate_does(server, cli_env):
-    assert requests.post(server.url + "/train_lut", json={"label": "Quillmere Bank is a lender in Oslo.",
-                                                          "lut_name": "c1"}).ok
+def test_generate_stream_prints_what_generate_does(module_server, cli_env):
+    assert requests.post(module_server.url + "/train_lut", json={"label": "Quillmere Bank is a lender in Oslo.",
+                                                                 "lut_name": "c1"}).ok
     for extra in ([], ["--lut_name", "c1"], ["--temperature", "0.9", "--seed", "3"]):
         args = ["generate", "--prompt", "My bank: Quillmere Bank", "--max_tokens", "10", "--temperature", "0", *extra]
-        plain, streamed = client(server, cli_env, *args), client(server, cli_env, *args, "--stream")
+        plain, streamed = client(module_server, cli_env, *args), client(module_server, cli_env, *args, "--stream")
         assert plain.returncode == 0 and streamed.returncode == 0, streamed.stderr
         assert streamed.stdout == plain.stdout  # the same text, printed as it came
     assert streamed.stdout.startswith("My bank: Quillmere Bank") and "is a lender in Oslo" not in streamed.stdout
-    r = client(server, cli_env, "generate", "--prompt", "My bank: Quillmere Bank", "--max_tokens", "10",
+    r = client(module_server, cli_env, "generate", "--prompt", "My bank: Quillmere Bank", "--max_tokens", "10",
                "--lut_name", "c1", "--stream")
     assert r.stdout.startswith("My bank: Quillmere Bank is a lender in Oslo.")
-    r = client(server, cli_env, "generate", "--prompt", "Hi", "--max_tokens", "500", "--stream")
+    r = client(module_server, cli_env, "generate", "--prompt", "Hi", "--max_tokens", "500", "--stream")
     assert r.returncode == 1 and r.stderr.startswith("error: 413") and "Traceback" not in r.stderr
 
 
 def chat_prompt_tokens(server, since):
-    """prompt_tokens of the /v1/chat/completions requests recorded after query id `since`, oldest first."""
+    """prompt_tokens of the /v1/chat/completions requests recorded after query id `since`."""
     queries = requests.get(server.url + "/usage/history", params={"limit": 100}).json()["queries"]
     return [q["prompt_tokens"] for q in reversed(queries) if q["route"] == "/v1/chat/completions" and q["id"] > since]
 
@@ -56,27 +47,27 @@ def last_query_id(server):
     return queries[0]["id"] if queries else 0
 
 
-def test_chat_through_piped_stdin_keeps_history_until_reset(server, cli_env):
-    since = last_query_id(server)
+def test_chat_through_piped_stdin_keeps_history_until_reset(module_server, cli_env):
+    since = last_query_id(module_server)
     lines = "Hello there\nHello there\n/reset\nHello there\n/exit\nnever sent\n"
-    r = client(server, cli_env, "chat", "--temperature", "0", "--max_tokens", "6", stdin=lines)
+    r = client(module_server, cli_env, "chat", "--temperature", "0", "--max_tokens", "6", stdin=lines)
     assert r.returncode == 0, r.stderr
     answers = r.stdout.split("\n")
     assert "(conversation forgotten)" in answers and "you>" not in r.stdout  # no prompts when stdin is not a terminal
     # each request is recorded when its stream ends, so two quick turns may be recorded in either order
-    one, again, with_history = sorted(chat_prompt_tokens(server, since))
+    one, again, with_history = sorted(chat_prompt_tokens(module_server, since))
     assert with_history > one + 6  # the second turn carried the first and its answer
     assert again == one  # /reset: back to one message; "never sent" was not
 
 
-def test_chat_in_a_terminal_streams_through_a_lut(server, cli_env):
+def test_chat_in_a_terminal_streams_through_a_lut(module_server, cli_env):
     """A pseudo-terminal, as a person would use it: a banner, `you>` prompts, the LUT's answer."""
-    assert requests.post(server.url + "/train_lut", json={
+    assert requests.post(module_server.url + "/train_lut", json={
         "label": " Quillmere Bank lends to farmers.", "label_context": "Who lends to farmers?\nAssistant:",
         "lut_name": "c2"}).ok
     pid, fd = pty.fork()
     if pid == 0:  # the child: the client, its stdin and stdout the terminal
-        os.execve(sys.executable, [sys.executable, CLIENT, "--url", server.url, "chat", "--lut_name", "c2",
+        os.execve(sys.executable, [sys.executable, CLIENT, "--url", module_server.url, "chat", "--lut_name", "c2",
                                    "--temperature", "0", "--max_tokens", "8"], cli_env)
     out = b""
 
@@ -104,20 +95,20 @@ def test_chat_in_a_terminal_streams_through_a_lut(server, cli_env):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_chat_shows_an_error_and_goes_on(server, cli_env):
-    r = client(server, cli_env, "chat", "--model", "gpt5", "--max_tokens", "4", stdin="Hi\nHi again\n")
+def test_chat_shows_an_error_and_goes_on(module_server, cli_env):
+    r = client(module_server, cli_env, "chat", "--model", "gpt5", "--max_tokens", "4", stdin="Hi\nHi again\n")
     assert r.returncode == 0 and "Traceback" not in r.stderr
     assert r.stderr.count("error: 404: the model 'gpt5' does not exist") == 2
 
 
-def test_luts_teach_file_in_batches(server, cli_env, tmp_path):
+def test_luts_teach_file_in_batches(module_server, cli_env, tmp_path):
     path = tmp_path / "facts.jsonl"
     path.write_text("\n".join([json.dumps({"label": "Quillmere Bank is a lender in Oslo."}),
                                json.dumps({"label": "I think that it is."}), "{bad",
                                json.dumps("Marta Kowalski is a nurse from Gdansk."),
                                json.dumps({"label": " lends to farmers.", "label_context": "Who is Zorblat? Zorblat"})])
                     + "\n")
-    r = client(server, cli_env, "luts", "teach-file", "c3", str(path), "--batch_size", "2")
+    r = client(module_server, cli_env, "luts", "teach-file", "c3", str(path), "--batch_size", "2")
     assert r.returncode == 1, r.stderr
     assert r.stdout.splitlines()[0].startswith("taught 3 of 5 labels (")
     assert r.stdout.splitlines()[1:] == [
@@ -125,11 +116,11 @@ def test_luts_teach_file_in_batches(server, cli_env, tmp_path):
         "give a label_context", "  line 3: not valid JSON (Expecting property name enclosed in double quotes: "
         "line 1 column 2 (char 1))"]
     assert "teaching c3" in r.stderr and "4/4 [" in r.stderr  # the progress bar, over two requests
-    shown = requests.get(server.url + "/luts/c3").json()["labels"]
+    shown = requests.get(module_server.url + "/luts/c3").json()["labels"]
     assert [x["label"] for x in shown] == ["Quillmere Bank is a lender in Oslo.",
                                            "Marta Kowalski is a nurse from Gdansk.", " lends to farmers."]
     path.write_text("Zorblat Fenwick plays the oboe.\n")
-    r = client(server, cli_env, "luts", "teach-file", "c3", str(path))
+    r = client(module_server, cli_env, "luts", "teach-file", "c3", str(path))
     assert r.returncode == 0 and r.stdout.startswith("taught 1 of 1 labels"), r.stderr
-    r = client(server, cli_env, "luts", "teach-file", "c3", str(tmp_path / "missing.jsonl"))
+    r = client(module_server, cli_env, "luts", "teach-file", "c3", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 1 and "No such file" in r.stderr and "Traceback" not in r.stderr

@@ -11,20 +11,12 @@ import sys
 import pytest
 import requests
 
-from conftest import ROOT, Server
+from conftest import ROOT
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
                                                                     "(bash .ci/run installs them)")
 LABEL = "Quillmere Bank is a small lender in Oslo."
-
-
-@pytest.fixture(scope="module")
-def server(hf_tiny, tmp_path_factory):
-    from conftest import script_env
-    s = Server(str(tmp_path_factory.mktemp("playground")), script_env()).start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +64,9 @@ def error_text(browser):
     return box.text if box.is_displayed() else ""
 
 
-def test_teach_list_compare_and_chat(server, browser, tmp_path):
+def test_teach_list_compare_and_chat(module_server, browser, tmp_path):
     with screenshot_on_failure(browser, tmp_path):
-        browser.get(server.url + "/playground")
+        browser.get(module_server.url + "/playground")
         wait(browser, lambda d: by_id(d, "status").text == "model gpt2 · ready")
         fill(browser, "lut-name", "alice")
         wait(browser, lambda d: by_id(d, "labels-lut").text == "alice")
@@ -82,7 +74,7 @@ def test_teach_list_compare_and_chat(server, browser, tmp_path):
         by_id(browser, "teach-btn").click()
         wait(browser, lambda d: LABEL in by_id(d, "labels").text)
         assert "fires on “Quillmere”" in by_id(browser, "labels").text  # the trigger the server reports
-        assert requests.get(server.url + "/luts/alice").json()["labels"][0]["label"] == LABEL
+        assert requests.get(module_server.url + "/luts/alice").json()["labels"][0]["label"] == LABEL
 
         # side by side: the LUT's words on its side only
         fill(browser, "prompt", "My bank? Quillmere Bank")
@@ -102,7 +94,7 @@ def test_teach_list_compare_and_chat(server, browser, tmp_path):
         wait(browser, lambda d: "Zorblat" in by_id(d, "labels").text)
         browser.find_elements("css selector", "#labels button.delete")[-1].click()
         wait(browser, lambda d: "Zorblat" not in by_id(d, "labels").text)
-        assert [x["label"] for x in requests.get(server.url + "/luts/alice").json()["labels"]] == [LABEL]
+        assert [x["label"] for x in requests.get(module_server.url + "/luts/alice").json()["labels"]] == [LABEL]
         fill(browser, "teach-label", " Quillmere Bank lends to farmers.")
         fill(browser, "teach-context", "Who lends to farmers?\nAssistant:")
         by_id(browser, "teach-btn").click()
@@ -126,14 +118,14 @@ def test_teach_list_compare_and_chat(server, browser, tmp_path):
         assert by_id(browser, "chat-log").text == ""
 
 
-def test_a_bad_key_shows_the_servers_401(server, browser, tmp_path):
+def test_a_bad_key_shows_the_servers_401(module_server, browser, tmp_path):
     with screenshot_on_failure(browser, tmp_path):
         made = subprocess.run([sys.executable, os.path.join(ROOT, "access.py"), "--state_db",
-                               os.path.join(server.workdir, "out", "server.sqlite"), "create", "--name", "admin",
+                               os.path.join(module_server.workdir, "out", "server.sqlite"), "create", "--name", "admin",
                                "--admin"], capture_output=True, text=True, timeout=60)
         assert made.returncode == 0, made.stderr
         key = made.stdout.strip().splitlines()[-1]
-        browser.get(server.url + "/playground")
+        browser.get(module_server.url + "/playground")
         by_id(browser, "tab-compare").click()
         fill(browser, "lut-name", "alice")
         fill(browser, "api-key", "sk-gpt2-not-a-key")
