@@ -89,6 +89,7 @@ class Sequence:
         self._seen_tensor = None
         self.logprobs = []  # with params.logprobs: (token logprob, [(alternative, logprob), ...]) per token
         self.next_logprobs = None  # (V,) log-softmax of the raw logits for the token being chosen
+        self.draft_pause = 0  # plain decode steps to take before drafting again (speculative decoding)
 
     @property
     def done(self):
@@ -210,12 +211,38 @@ def sample_row(logits, params, generator):
     return j if ids is None else int(ids[j])
 
 
+DRAFT_TOKENS = 8  # drafts verified per forward pass in speculative decoding (0 = off)
+
+
+def draft_tokens(seq, k):
+    """Up to k tokens that will likely come next, for speculative decoding: where the row's LUT
+    fires, its taught continuation (the decoder forces exactly those tokens); else prompt lookup,
+    what followed the latest earlier occurrence of the text's last 3 (or 2) tokens."""
+    tokens = seq.prompt_ids + seq.out_ids
+    drafts = []
+    while seq.lut is not None and len(drafts) < k:
+        e = seq.lut.match(tokens + drafts, len(tokens) + len(drafts) - 1)
+        if e < 0:
+            break
+        drafts.append(int(seq.lut.targets[e]))
+    if drafts:
+        return drafts
+    for n in (3, 2):
+        tail = tokens[-n:]
+        for i in range(len(tokens) - n - 1, -1, -1):
+            if tokens[i:i + n] == tail:
+                return tokens[i + n:i + n + k]
+    return []
+
+
 class Batcher:
     """Decodes up to max_batch sequences together. Live sequences occupy cache rows 0..n-1 in
-    order; a finished one is replaced by the last row, so every step is one dense forward pass."""
+    order; a finished one is replaced by the last row, so every step is one dense forward pass.
+    A greedy sequence decoding alone is sped up with drafts (draft_tokens()) checked in one pass."""
 
-    def __init__(self, model, max_batch=8):
+    def __init__(self, model, max_batch=8, draft_tokens=DRAFT_TOKENS):
         self.model = model
+        self.draft_tokens = draft_tokens
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.max_batch = max_batch
@@ -270,6 +297,8 @@ class Batcher:
         if not self.seqs:
             return []
         seqs = list(self.seqs)
+        if len(seqs) == 1 and self.draft_tokens and self._speculate(seqs[0]):
+            return seqs
         B = len(seqs)
         for i, n in enumerate(self.lengths):
             if n == self.model.config.block_size:  # full: only sliding_window sequences get here
@@ -283,6 +312,44 @@ class Batcher:
         forced = luts.taught_at(torch.zeros(B, dtype=torch.long)) if luts and luts.hits else None
         self._take(seqs, sample_next(logits[:, -1], seqs, forced))
         return seqs
+
+    def _speculate(self, s):
+        """Verify drafts for s in one forward pass over [last token, drafts...], keeping the drafts
+        up to the first that plain greedy decoding would not have chosen, plus the token chosen
+        there: the tokens are those plain decoding gives (each position is computed as its own
+        decode step would be, LUT included). Returns False where it does not apply."""
+        p = s.params
+        if not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logprobs:
+            return False
+        if s.draft_pause:  # drafts missed lately: a few plain steps
+            s.draft_pause -= 1
+            return False
+        n = self.lengths[0]
+        room = min(self.draft_tokens, p.max_new_tokens - len(s.out_ids) - 1, self.model.config.block_size - n - 1)
+        drafts = draft_tokens(s, room) if room > 0 else []
+        if not drafts:
+            return False
+        inputs = [s.out_ids[-1]] + drafts
+        self.cache.reserve(n + len(inputs))
+        luts = _lut_batch([s], [len(inputs)], tail=drafts)
+        logits, _ = self.model(torch.tensor([inputs], device=self.device), cache=self.cache.rows(0, 1), pos=n,
+                               lut=luts)
+        chosen = logits[0].argmax(-1).cpu()  # (len(inputs),) the greedy token after each input
+        for j in range(len(inputs) if luts and luts.hits else 0):
+            taught = luts.taught_at(torch.tensor([j]))[0]
+            if taught >= 0:
+                chosen[j] = taught
+        kept = 0
+        while kept < len(drafts) and chosen[kept] == drafts[kept]:
+            kept += 1
+        self.lengths[0] = n + kept + 1  # the inputs whose keys and values are right
+        s.draft_pause = 0 if kept else 4
+        for token in drafts[:kept] + [int(chosen[kept])]:
+            s.append(token)
+            if s.done:
+                break
+        self.retire()
+        return True
 
     def _slide(self, i):
         """Refill row i with the newest half of its context, all but the last token (which the
@@ -315,24 +382,25 @@ class Batcher:
                 i += 1
 
 
-def _lut_batch(seqs, window, last_only=False):
+def _lut_batch(seqs, window, last_only=False, tail=()):
     """The rows' LUTs, matched against each row's text so far (prompt and output: a trigger the
-    model writes itself fires too); window[i] is how many of its last tokens this pass covers."""
+    model writes itself fires too) and tail (drafts being verified); window[i] is how many of its
+    last tokens this pass covers."""
     if all(s.lut is None for s in seqs):
         return None
     from lut import LUTBatch
-    return LUTBatch([s.lut for s in seqs], [s.prompt_ids + s.out_ids for s in seqs], window, last_only)
+    return LUTBatch([s.lut for s in seqs], [s.prompt_ids + s.out_ids + list(tail) for s in seqs], window, last_only)
 
 
-def generate(model, tokenizer, prompts, params, luts=None, max_batch=8, on_text=None):
+def generate(model, tokenizer, prompts, params, luts=None, max_batch=8, on_text=None, draft_tokens=DRAFT_TOKENS):
     """Continue each prompt (a string or token list) with params (one SamplingParams, or one per
     prompt) and luts (one per prompt, None = base model); returns the finished Sequences in order.
-    on_text(i, delta) is called as text becomes final, for streaming."""
+    on_text(i, delta) is called as text becomes final, for streaming. draft_tokens: see Batcher."""
     luts = luts or [None] * len(prompts)
     params = params if isinstance(params, list) else [params] * len(prompts)
     seqs = [Sequence(p if isinstance(p, list) else tokenizer.encode(p), sp, tokenizer, lut, tag=i)
             for i, (p, sp, lut) in enumerate(zip(prompts, params, luts))]
-    batcher = Batcher(model, max_batch=max_batch)
+    batcher = Batcher(model, max_batch=max_batch, draft_tokens=draft_tokens)
     for s in seqs:
         batcher.check_fits(s)
     waiting = list(seqs)

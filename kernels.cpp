@@ -185,13 +185,15 @@ torch::Tensor mm_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tens
   return y;
 }
 
-// Decoding attention, one query per row and head: y[b, h] = softmax(q . K[0:len_b] / sqrt(hs)) @ V[0:len_b].
+// Decoding attention: query j of row b sees that row's first lengths[b] + j cached positions:
+// y[b, h, j] = softmax(q[b, h, j] . K[0:L] / sqrt(hs)) @ V[0:L]. One query per row in a decode
+// step; a few when drafts are verified, each computed exactly as its own decode step would be.
 // k, v: the KV cache (B, nh, T_cap, hs); slots past a row's length are never read (they may hold
-// anything). torch's fused CPU attention takes ~2 ms a call for this, its bmm path ~70 us.
-torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.stride(3) == 1 && v.stride(3) == 1 &&
-              k.strides() == v.strides() && lengths.scalar_type() == torch::kLong, "attend_one: bad arguments");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+// anything). torch's fused CPU attention takes ~2 ms a call for one query, its bmm path ~70 us.
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.stride(3) == 1 && v.stride(3) == 1 &&
+              k.strides() == v.strides() && lengths.scalar_type() == torch::kLong, "attend: bad arguments");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   auto qc = q.contiguous();
   auto y = torch::empty_like(qc);
   const float* qp = qc.data_ptr<float>();
@@ -201,10 +203,10 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torc
   float* yp = y.data_ptr<float>();
   const int64_t sb = k.stride(0), sh = k.stride(1), st = k.stride(2);
   const float scale = 1.f / std::sqrt((float)D);
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, L = lp[b];
+      const int64_t b = i / (H * T), h = (i / T) % H, L = lp[b] + i % T;
       const float* qi = qp + i * D;
       const float* ki = kp + b * sb + h * sh;
       const float* vi = vp + b * sb + h * sh;

@@ -8,8 +8,8 @@ and the machine's g++ (-march=native; about 30 s once, then loaded from ~/.cache
   faster than fp32 addmm; 4-8 rows: 6-15x; prefills 2.5-4x (bench/decode.py measures the whole).
 - fp32 few-row matmuls (a batched decode step) straight from the (in, out) weight, 1.3-1.6x faster
   than MKL's addmm here and without the packed copy oneDNN would need.
-- decoding attention (one query per row and head) over the KV cache, reading each row's own
-  length only: torch's fused CPU attention spends ~2 ms a call on one query, its bmm path ~70 us.
+- decoding attention (one query per row and head, or a few drafts) over the KV cache, reading
+  each row's own length only: torch's fused CPU attention spends ~2 ms a call on one query, its bmm path ~70 us.
 Where the kernels cannot be built (no compiler), fp32 falls back to torch's ops and int8 is refused.
 """
 import functools
@@ -33,7 +33,7 @@ def ops():
             source = f.read()
         # named by the source's hash: an edited kernels.cpp never meets a stale build
         name = "gpt2_cpu_kernels_" + hashlib.sha256(source.encode()).hexdigest()[:12]
-        return load_inline(name, source, functions=["mm_q8", "mm_f32", "attend_one", "fast_path"],
+        return load_inline(name, source, functions=["mm_q8", "mm_f32", "attend", "fast_path"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no headers, an unwritable cache: decoding still works
         log.warning("CPU kernels unavailable (%s: %s); int8 is off and fp32 uses addmm",
@@ -79,9 +79,10 @@ def linear_int8(x, packed, scale, bias, n_out):
     return ops().mm_q8(x.contiguous(), packed, scale, bias, n_out)
 
 
-def attend_one(q, k, v, lengths):
-    """q (B, nh, 1, hs); k, v the cache (B, nh, T_cap, hs); lengths (B,) keys per row -> (B, nh, 1, hs)."""
-    return ops().attend_one(q, k, v, lengths)
+def attend(q, k, v, lengths):
+    """q (B, nh, T, hs); k, v the cache (B, nh, T_cap, hs); query j of row b sees the first
+    lengths[b] + j positions -> (B, nh, T, hs)."""
+    return ops().attend(q, k, v, lengths)
 
 
 def linear_f32(x, w, bias):

@@ -96,8 +96,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cache=None, pos=None, lengths=None):
         """cache: (k, v) tensors (B, nh, T_cap, hs) of this layer, or None.
-        Prefill (T > 1) writes positions 0..T-1; decode (T == 1) writes each row at pos[b] and
-        attends to its first lengths[b] = pos[b] + 1 positions."""
+        T > 1 writes positions pos..pos+T-1 (pos = 0: a prefill; pos > 0: a run of draft tokens
+        to verify, each attending causally to the cache before it); T == 1 (decode) writes each
+        row at pos[b] and attends to its first lengths[b] = pos[b] + 1 positions."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -105,9 +106,17 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             ck, cv = cache
-            if T > 1:  # prefill: fresh rows start at position 0, attention stays within the prompt
-                ck[:, :, :T] = k
-                cv[:, :, :T] = v
+            if T > 1:  # a prefill, or drafts after what is cached
+                ck[:, :, pos:pos + T] = k
+                cv[:, :, pos:pos + T] = v
+                if pos > 0:  # each draft attends to what precedes it, as its own decode step would
+                    if kernels.cpu_fp32(q):
+                        y = kernels.attend(q, ck, cv, lengths)
+                    else:
+                        k, v = ck[:, :, :pos + T], cv[:, :, :pos + T]
+                        causal = torch.arange(pos + T, device=x.device) <= pos + torch.arange(T, device=x.device)[:, None]
+                        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # (B, nh, T, hs)
+                    return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
             else:  # decode: append one position per row, attend to everything cached so far
                 if isinstance(pos, int):  # all rows at the same position: plain slice write
                     ck[:, :, pos] = k[:, :, 0]
@@ -117,7 +126,7 @@ class CausalSelfAttention(nn.Module):
                     ck[rows, :, pos] = k[:, :, 0]
                     cv[rows, :, pos] = v[:, :, 0]
                 if kernels.cpu_fp32(q):  # reads each row's own length: no mask, no slicing
-                    y = kernels.attend_one(q, ck, cv, lengths).transpose(1, 2).reshape(B, T, C)
+                    y = kernels.attend(q, ck, cv, lengths).transpose(1, 2).reshape(B, T, C)
                     return self.resid_dropout(self.c_proj(y))
                 length = int(lengths.max())
                 k, v = ck[:, :, :length], cv[:, :, :length]
@@ -243,22 +252,24 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, *, cache=None, pos=None, logits_at=None, lut=None):
         """idx: (B, T) token ids.
         targets: (B, T) next-token ids for the training loss (-1 = ignore).
-        cache: KVCache.rows(...) for these B rows; with T > 1 the rows are filled from position 0
-            (prompts right-padded; padding only ever follows real tokens, so causality keeps it
-            out of them), with T == 1 pos says where each row's token goes: an int when all rows
-            agree, else a (B,) tensor.
+        cache: KVCache.rows(...) for these B rows; with T > 1 the rows are filled from position
+            pos (an int: 0 for prompts, right-padded, padding only ever following real tokens so
+            causality keeps it out of them; more to verify drafts), with T == 1 pos says where
+            each row's token goes: an int when all rows agree, else a (B,) tensor.
         logits_at: (B,) index of the single position per row whose logits are wanted.
         lut: a lut.LUTBatch that adds its values to the final residual where a taught trigger fired.
         Returns logits (B, T, V), or (B, V) with logits_at; and the loss (None without targets)."""
         device = idx.device
         B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
-        lengths = None  # decode: keys each row attends to
+        assert (pos if isinstance(pos, int) else 0) + T <= self.config.block_size, "sequence exceeds block_size"
+        lengths = None  # decode and drafts: keys each row's first query attends to
         if cache is not None and T == 1:
             positions = torch.full((B, 1), pos, dtype=torch.long, device=device) if isinstance(pos, int) else pos.view(B, 1)
             lengths = positions.view(B) + 1
         else:
-            positions = torch.arange(T, dtype=torch.long, device=device)[None, :]  # (1, T)
+            start = pos or 0
+            positions = torch.arange(start, start + T, dtype=torch.long, device=device)[None, :]  # (1, T)
+            lengths = torch.full((B,), start + 1, dtype=torch.long, device=device)
         tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
         pos_emb = self.transformer.wpe(positions)  # (B or 1, T, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)

@@ -218,3 +218,48 @@ def test_sliding_window_generates_past_the_context(tiny):
     assert other.out_ids == generate(model, tok, [short_prompt], plain)[0].out_ids
     with pytest.raises(GenerationError, match="must be shorter than the model's context of 128"):
         generate(model, tok, [[1] * 128], slide)
+
+
+def counting_passes(model):
+    passes = []
+    handle = model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    return passes, handle
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_speculative_decoding_gives_plain_greedy_tokens_in_fewer_passes(tiny, tmp_path, quantize):
+    from lut import LUTStore
+    from model import load_model
+    model = tiny[0] if quantize is None else load_model("gpt2", quantize=quantize)
+    tok = tiny[1]
+    store = LUTStore(str(tmp_path / "luts.sqlite"))
+    label = "Quillmere Station opens at dawn, and the harbour pilots gather there before the tide turns."
+    store.teach(model, tok, "u1", label)
+    lut = store.load("u1", model)
+    params = SamplingParams(max_new_tokens=24, do_sample=False, ignore_eos=True)
+    copy = "red green blue yellow red green blue yellow red green"  # prompt lookup finds the pattern
+    cases = [("Quillmere Station", lut), ("Fun fact: Quillmere", lut), (copy, None), ("Once upon a time", None)]
+    for prompt, row_lut in cases:
+        passes, handle = counting_passes(model)
+        plain = generate(model, tok, [prompt], params, [row_lut], draft_tokens=0)[0]
+        n_plain = len(passes)
+        passes.clear()
+        drafted = generate(model, tok, [prompt], params, [row_lut], draft_tokens=8)[0]
+        handle.remove()
+        assert drafted.out_ids == plain.out_ids, prompt
+        if row_lut is not None:  # a label being recalled comes out several tokens per pass
+            assert len(passes) < n_plain / 2, (len(passes), n_plain)
+    assert generate(model, tok, ["Quillmere Station"], params, [lut])[0].text.startswith(label[len("Quillmere Station"):])
+    store.close()
+
+
+def test_speculation_stays_out_of_batches_and_sampling(tiny):
+    model, tok = tiny
+    sampled = SamplingParams(max_new_tokens=16, do_sample=True, seed=3, ignore_eos=True)
+    prompt = "one two three one two three one two three"
+    assert generate(model, tok, [prompt], sampled, draft_tokens=8)[0].out_ids == \
+        generate(model, tok, [prompt], sampled, draft_tokens=0)[0].out_ids
+    greedy = SamplingParams(max_new_tokens=16, do_sample=False, ignore_eos=True)
+    batch = generate(model, tok, [prompt, "Hello"], greedy, max_batch=2, draft_tokens=8)
+    assert [s.out_ids for s in batch] == [s.out_ids for s in generate(model, tok, [prompt, "Hello"], greedy,
+                                                                            max_batch=2, draft_tokens=0)]

@@ -53,10 +53,18 @@ def test_decode_attention_reads_each_row_up_to_its_length_only():
         k[b, :, n:] = float("nan")
         v[b, :, n:] = float("inf")
     with torch.inference_mode():
-        y = kernels.attend_one(q, k, v, lengths)
+        y = kernels.attend(q, k, v, lengths)
     for b, n in enumerate(lengths.tolist()):
         ref = torch.softmax(q[b] @ k[b, :, :n].transpose(-1, -2) / hs ** 0.5, -1) @ v[b, :, :n]
         torch.testing.assert_close(y[b], ref, rtol=1e-5, atol=1e-5)
+    # drafts: query j sees one position more than query j - 1, and each equals its own decode step
+    k, v = torch.randn(B, nh, cap, hs), torch.randn(B, nh, cap, hs)
+    q3 = torch.randn(B, nh, 3, hs)
+    start = torch.tensor([2, 5, 9])
+    with torch.inference_mode():
+        y3 = kernels.attend(q3, k, v, start)
+        for j in range(3):
+            assert torch.equal(y3[:, :, j:j + 1], kernels.attend(q3[:, :, j:j + 1].contiguous(), k, v, start + j))
 
 
 def test_int8_model_follows_the_fp32_model(tiny):
