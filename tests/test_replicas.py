@@ -2,7 +2,9 @@
 and coming back, and end to end two live `python api_server.py` replicas on one PostgreSQL and
 one Redis (teach on A recalled on B, a key revoked on A refused by B, burst 10 across both)."""
 import logging
+import signal
 import threading
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -72,3 +74,169 @@ def test_redis_down_means_per_process_limits_and_a_warning_then_shared_again(tmp
     proxy.restore()
     a.buckets._retry_at = 0  # do not wait RETRY_EVERY seconds for the next attempt
     assert taken(a, key, 3) == 2 and a.buckets.shared  # the shared bucket again: 2 of burst 4 were left
+
+
+# ---- two live replicas (`python api_server.py` on two loopback ports), one PostgreSQL, one Redis;
+# both reached through relays that a test can cut, for outages on demand.
+
+class Replicas:
+    def __init__(self, tmp_path, pg_url, redis_url, n=2):
+        self.pg, self.redis = relay(pg_url, 5432), relay(redis_url, 6379)
+        self.servers = []
+        for i in range(n):
+            workdir = tmp_path / f"replica{i}"
+            workdir.mkdir()
+            env = dict(script_env(), OMP_NUM_THREADS="1")  # a tiny model: more threads only contend
+            self.servers.append(Server(str(workdir), env, args=[
+                "--database_url", self.pg[1], "--redis_url", self.redis[1], "--models_dir", str(workdir)]))
+        starting = [threading.Thread(target=s.start) for s in self.servers]  # at once: migrations take turns
+        for t in starting:
+            t.start()
+        for t in starting:
+            t.join()
+        for s in self.servers:
+            assert s.proc.poll() is None, open(s.log).read()[-2000:]
+
+    @property
+    def urls(self):
+        return [s.url for s in self.servers]
+
+    def stop(self):
+        for s in self.servers:
+            if s.proc.poll() is None:
+                s.stop()
+
+
+def relay(url, default_port):
+    """(Proxy, the same URL through it)."""
+    parts = urlsplit(url)
+    proxy = Proxy(parts.hostname, parts.port or default_port)
+    return proxy, url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
+
+
+@pytest.fixture
+def replicas(hf_tiny, tmp_path, pg_url, redis_url):
+    r = Replicas(tmp_path, pg_url, redis_url)
+    yield r
+    r.stop()
+
+
+def recalled(url, lut_name, label):
+    """Generate from the label's trigger on one replica: does the label come out?"""
+    trigger = requests.get(f"{url}/luts/{lut_name}").json()["labels"][0]["trigger"]
+    r = requests.post(f"{url}/generate", json={"prompt": trigger, "lut_name": lut_name, "max_new_tokens": 24})
+    assert r.status_code == 200, r.text
+    return (trigger + r.json()["completion"]).startswith(label)
+
+
+def test_two_replicas_one_database(replicas):
+    a, b = replicas.urls
+    # taught on A, recalled by the very next /generate on B
+    hits = 0
+    for i in range(100):
+        label = LABEL_TEMPLATE.format(i=i)
+        assert requests.post(f"{a}/train_lut", json={"lut_name": f"t{i}", "label": label}).status_code == 200
+        hits += recalled(b, f"t{i}", label)
+    assert hits == 100
+
+    # a key revoked through A is refused by B on its next request
+    admin = requests.post(f"{a}/keys", json={"name": "admin", "admin": True}).json()["key"]
+    auth = lambda key: {"Authorization": f"Bearer {key}"}
+    tenant = requests.post(f"{b}/keys", json={"name": "tenant", "luts": ["t*"]}, headers=auth(admin)).json()
+    assert requests.get(f"{b}/luts", headers=auth(tenant["key"])).status_code == 200
+    assert requests.delete(f"{a}/keys/{tenant['id']}", headers=auth(admin)).status_code == 200
+    r = requests.get(f"{b}/luts", headers=auth(tenant["key"]))
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+
+    # burst 10: exactly 10 requests through across both replicas, then 429
+    limited = requests.post(f"{a}/keys", json={"name": "burst10", "burst": 10, "rate_per_minute": 1},
+                            headers=auth(admin)).json()["key"]
+    codes = [requests.get(f"{(a, b)[i % 2]}/luts", headers=auth(limited)).status_code for i in range(14)]
+    assert codes == [200] * 10 + [429] * 4
+    metrics = requests.get(f"{b}/metrics").text
+    assert "gpt2lut:rate_limit_refusals_total" in metrics and "gpt2lut:rate_limit_redis_up 1.0" in metrics
+
+
+def test_kill_9_during_20_concurrent_teaches_leaves_only_whole_labels(replicas, tiny):
+    from lut import build_entries
+    a, b = replicas.urls
+    labels = [LABEL_TEMPLATE.format(i=i) for i in range(20)]
+    acknowledged, lock = [], threading.Lock()
+
+    def teach(i):
+        try:
+            r = requests.post(f"{a}/train_lut", json={"lut_name": f"k{i}", "label": labels[i]}, timeout=60)
+        except requests.RequestException:
+            return  # A died first: not acknowledged
+        if r.status_code == 200:
+            with lock:
+                acknowledged.append(i)
+
+    threads = [threading.Thread(target=teach, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while len(acknowledged) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    replicas.servers[0].proc.send_signal(signal.SIGKILL)  # in the middle of the teaches
+    for t in threads:
+        t.join()
+    assert 3 <= len(acknowledged) < 20, acknowledged
+    model, tok = tiny
+    stored = {x["name"]: x for x in requests.get(f"{b}/luts").json()["luts"]}
+    for i in acknowledged:  # every acknowledged label is there
+        assert f"k{i}" in stored
+    for name, info in stored.items():  # and every label there is whole
+        i = int(name[1:])
+        assert info["labels"] == 1 and info["entries"] == len(build_entries(model, tok, labels[i])["target"]), info
+
+
+def test_database_outage_under_load_then_resume_and_redis_down(replicas):
+    """8 clients generate and teach on both replicas while the database goes away for a while:
+    503 with Retry-After (never another 5xx), then service resumes without a restart, nothing
+    acknowledged is lost. Then Redis goes away: requests are still served."""
+    urls = replicas.urls
+    stop, results, lock = threading.Event(), [], threading.Lock()
+
+    def client(k):
+        i = 0
+        while not stop.is_set():
+            url, i = urls[k % 2], i + 1
+            if k % 2:
+                name, label = f"c{k}-{i}", LABEL_TEMPLATE.format(i=k * 1000 + i)
+                r = requests.post(f"{url}/train_lut", json={"lut_name": name, "label": label}, timeout=60)
+            else:
+                name, label = None, None
+                r = requests.post(f"{url}/generate", json={"prompt": "Hello", "length": 4}, timeout=60)
+            with lock:
+                results.append((time.time(), r.status_code, r.headers.get("Retry-After"), name, label))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    replicas.pg[0].cut()
+    cut_at = time.time()
+    time.sleep(3)
+    replicas.pg[0].restore()
+    restored_at = time.time()
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join()
+    statuses = {s for _, s, _, _, _ in results}
+    assert statuses <= {200, 503}, statuses
+    assert all(retry for _, s, retry, _, _ in results if s == 503)
+    assert any(s == 503 for t, s, *_ in results if cut_at <= t <= restored_at + 1)  # the outage was seen
+    assert [s for t, s, *_ in results if t > restored_at + 2.5].count(200) > 0  # and service came back
+    assert all(s == 200 for t, s, *_ in results if t > restored_at + 2.5)
+    stored = {x["name"]: x for x in requests.get(f"{urls[0]}/luts").json()["luts"]}
+    for _, s, _, name, _ in results:
+        if name and s == 200:
+            assert stored[name]["labels"] == 1 and stored[name]["entries"] > 0  # nothing acknowledged lost
+
+    admin = {"Authorization": "Bearer " + requests.post(f"{urls[0]}/keys", json={"name": "a", "admin": True}).json()["key"]}
+    replicas.redis[0].cut()
+    for url in urls:  # a key's rate limit, per process now
+        assert requests.get(f"{url}/luts", headers=admin).status_code == 200
+        assert "gpt2lut:rate_limit_redis_up 0.0" in requests.get(f"{url}/metrics").text
