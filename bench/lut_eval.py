@@ -25,6 +25,7 @@ from generate import SamplingParams, generate  # noqa: E402
 from lut import LUTBatch, LUTStore, trigger_prefix  # noqa: E402
 from model import GPT, GPTConfig, load_model  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
+from common import Targets  # noqa: E402
 
 FIRST = ["Alice", "Marta", "Kenji", "Omar", "Lena", "Diego", "Priya", "Tomas", "Ines", "Yusuf", "Hana", "Pavel",
          "Sofia", "Rafael", "Mei", "Jonas", "Amara", "Felix", "Nadia", "Viktor"]
@@ -170,16 +171,6 @@ def _timed(fn):
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-class Targets:
-    def __init__(self):
-        self.missed = []
-
-    def check(self, what, ok):
-        print(f"  [{'ok' if ok else 'MISSED'}] {what}")
-        if not ok:
-            self.missed.append(what)
 
 
 def main():

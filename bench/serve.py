@@ -25,7 +25,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import GPTConfig  # noqa: E402
-from decode import paired_models  # noqa: E402
+from common import paired_models  # noqa: E402
 
 
 def start_server(workdir, ckpt_dir):
