@@ -482,6 +482,7 @@ def create_tables(c):
 
 
 MIGRATIONS = [create_tables]
+RETEACH = object()  # LUTStore._load: the LUT is of an older format
 
 
 class LUTStore:
@@ -554,13 +555,12 @@ class LUTStore:
         rows = [(lut_name, label_id, int(ev[-1]), int(m), int(t), np.asarray(ev, dtype=np.int32).tobytes(),
                  v.tobytes()) for ev, m, t, v in zip(entries["evidence"], entries["min_len"], entries["target"],
                                                      entries["value"])]
-        replaced = 0
-        for _, _, token, _, target, evidence, _ in rows:
-            replaced += db.execute("DELETE FROM entries WHERE lut=? AND token=? AND evidence=? AND target!=?",
-                                   (lut_name, token, evidence, target)).rowcount
+        replaced = db.executemany("DELETE FROM entries WHERE lut=? AND token=? AND evidence=? AND target!=?",
+                                  [(lut_name, token, evidence, target)
+                                   for _, _, token, _, target, evidence, _ in rows]).rowcount
         db.executemany("INSERT INTO entries (lut, label_id, token, min_len, target, evidence, value) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        return replaced
+        return max(replaced, 0)
 
     def _retrain(self, lut_name, model):
         """Re-teach a LUT of an older format from its labels (in teaching order, so the latest
@@ -596,16 +596,22 @@ class LUTStore:
     def load(self, lut_name, model):
         """The LUT for generation with `model`; None when the LUT does not exist (cold start)."""
         self.check_name(lut_name)
-        version = "SELECT model_id, format, version FROM luts WHERE name=?"  # the revalidation: a key lookup
-        with self.db.connection() as db:
-            row = db.execute(version, (lut_name,)).fetchone()
+        with self.db.connection() as db:  # one connection: the version check and, on a miss, the read
+            lut = self._load(db, lut_name, model)
+        if lut is RETEACH:  # an older format: re-taught from its labels first
+            self._retrain(lut_name, model)
+            with self.db.connection() as db:
+                lut = self._load(db, lut_name, model)
+        return lut
+
+    def _load(self, db, lut_name, model):
+        row = db.execute("SELECT model_id, format, version FROM luts WHERE name=?",  # the revalidation: a key lookup
+                         (lut_name,)).fetchone()
         if row is None:
             return None
         self._check_model(lut_name, row, model.fingerprint(), model)
         if row[1] < FORMAT:
-            self._retrain(lut_name, model)
-            with self.db.connection() as db:
-                row = db.execute(version, (lut_name,)).fetchone()
+            return RETEACH
         p = next(model.parameters())
         key = (lut_name, str(p.device))
         with self._lock:
@@ -615,7 +621,7 @@ class LUTStore:
                 self.observe("cache_hit")
                 return cached
         self.observe("cache_miss")
-        lut = self._read(lut_name, row[0], row[2], model.config.n_embd).to(p.device)
+        lut = self._read(db, lut_name, row[0], row[2], model.config.n_embd).to(p.device)
         lut.observe = self.observe
         with self._lock:
             self._cache[key] = lut
@@ -624,10 +630,10 @@ class LUTStore:
                 self._cache.popitem(last=False)
         return lut
 
-    def _read(self, lut_name, model_id, version, n_embd):
-        with self.db.connection() as db:
-            rows = db.execute("SELECT min_len, target, evidence, value FROM entries WHERE lut=? ORDER BY id",
-                              (lut_name,)).fetchall()
+    @staticmethod
+    def _read(db, lut_name, model_id, version, n_embd):
+        rows = db.execute("SELECT min_len, target, evidence, value FROM entries WHERE lut=? ORDER BY id",
+                          (lut_name,)).fetchall()
         min_len, targets, evidence, values = zip(*rows) if rows else ((), (), (), ())
         values = np.frombuffer(b"".join(values), dtype=np.float16).reshape(len(rows), n_embd)
         return LUT(lut_name, model_id, [np.frombuffer(e, dtype=np.int32).tolist() for e in evidence], min_len,

@@ -16,6 +16,7 @@ and {real}, which become each engine's types. A PostgreSQL that cannot be reache
 StoreUnavailable (the server answers 503 with Retry-After); the pool reconnects on its own once
 it is back, so no restart is needed.
 """
+import functools
 import os
 import re
 import sqlite3
@@ -198,7 +199,7 @@ class Conn:
         if self.engine == "sqlite":
             return self.raw.execute(self.sql(sql), args)
         with self.db.available():
-            return self.raw.execute(self.sql(sql), args)
+            return self.raw.execute(self.sql(sql), args, binary=True)  # bytea as bytes, not hex text
 
     def executemany(self, sql, rows):
         if self.engine == "sqlite":
@@ -221,22 +222,23 @@ class Conn:
 
 
 class Row(tuple):
-    """A PostgreSQL row that reads like sqlite3.Row: by index, by column name, and dict(row)."""
-
-    def __new__(cls, values, names):
-        row = super().__new__(cls, values)
-        row._names = names
-        return row
+    """A PostgreSQL row that reads like sqlite3.Row: by index, by column name, and dict(row).
+    One subclass per column list (row_class), so making a row is tuple's own C constructor."""
+    __slots__ = ()
+    _index = {}
 
     def __getitem__(self, key):
-        return super().__getitem__(self._names[key] if isinstance(key, str) else key)
+        return tuple.__getitem__(self, self._index[key] if isinstance(key, str) else key)
 
     def keys(self):
-        return list(self._names)
+        return list(self._index)
+
+
+@functools.lru_cache(maxsize=1024)
+def row_class(names):
+    return type("Row", (Row,), {"__slots__": (), "_index": {name: i for i, name in enumerate(names)}})
 
 
 def pg_rows(cursor):
     """psycopg row factory making Rows."""
-    names = {c.name: i for i, c in enumerate(cursor.description or ())}
-    return lambda values: Row(values, names)
-
+    return row_class(tuple(c.name for c in cursor.description or ()))
