@@ -14,9 +14,31 @@ import requests
 from conftest import ROOT
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
-                                                                    "(bash .ci/run installs them)")
+needs_browser = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
+                                                                       "(bash .ci/run installs them)")
 LABEL = "Quillmere Bank is a small lender in Oslo."
+
+
+def test_page_and_its_files_are_served_from_static_only(hf_tiny, tmp_path):
+    """The page, its CSS and JS from static/, nothing fetched from elsewhere (works offline), no
+    path outside static/, and no key needed for them once keys exist."""
+    from api_server import create_app
+    app = create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
+                      "models_dir": str(tmp_path / "out"), "state_db": str(tmp_path / "state.sqlite")})
+    app.extensions["gpt"].access.create_key("root", admin=True)
+    c = app.test_client()
+    page = c.get("/playground")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert '<script src="/playground/playground.js">' in html and 'href="/playground/playground.css"' in html
+    for name, mimetype in (("playground.js", "text/javascript"), ("playground.css", "text/css")):
+        r = c.get(f"/playground/{name}")
+        assert r.status_code == 200 and r.mimetype == mimetype
+        assert "http://" not in r.get_data(as_text=True) and "https://" not in r.get_data(as_text=True)
+    for path in ("/playground/../api_server.py", "/playground/%2e%2e/api_server.py", "/playground/..%2fREADME.md",
+                 "/playground//etc/passwd", "/playground/missing.js"):
+        assert c.get(path, follow_redirects=True).status_code == 404, path  # (// is first redirected to /)
+    assert c.get("/luts").status_code == 401  # what the page calls still needs a key
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +86,7 @@ def error_text(browser):
     return box.text if box.is_displayed() else ""
 
 
+@needs_browser
 def test_teach_list_compare_and_chat(module_server, browser, tmp_path):
     with screenshot_on_failure(browser, tmp_path):
         browser.get(module_server.url + "/playground")
@@ -118,6 +141,7 @@ def test_teach_list_compare_and_chat(module_server, browser, tmp_path):
         assert by_id(browser, "chat-log").text == ""
 
 
+@needs_browser
 def test_a_bad_key_shows_the_servers_401(module_server, browser, tmp_path):
     with screenshot_on_failure(browser, tmp_path):
         made = subprocess.run([sys.executable, os.path.join(ROOT, "access.py"), "--state_db",
