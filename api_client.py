@@ -146,6 +146,9 @@ def chat(args):
         except ClientError as e:  # say why and keep the session: the turn is not added to the history
             print(e, file=sys.stderr, flush=True)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer (closing the stream stops the generation), not the chat
+            print("\n(interrupted)", flush=True)
+            continue
         messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
 
 
