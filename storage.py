@@ -32,6 +32,10 @@ POOL_TIMEOUT = 3  # seconds a request waits for a PostgreSQL connection before i
 # The pool retries a failed connection with growing delays; a short limit on that keeps the first
 # attempt after an outage within seconds (a request that finds the pool empty starts a new one).
 RECONNECT_TIMEOUT = 2
+# libpq settings: a server that stops answering (restarting, unplugged) fails a connection within
+# seconds instead of leaving a request waiting on it for good
+NETWORK_TIMEOUTS = dict(connect_timeout=3, keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2,
+                        tcp_user_timeout=10000)
 FAIL_FAST = 1.0  # seconds after a failure in which requests get their 503 at once, without waiting
 
 
@@ -92,7 +96,8 @@ class Database:
             if self._pool is None or self._pool_pid != os.getpid():
                 # check: a connection broken by a server restart is replaced, not handed out
                 self._pool = ConnectionPool(self.target, min_size=1, max_size=self.pool_size, timeout=POOL_TIMEOUT,
-                                            kwargs={"row_factory": pg_rows}, check=ConnectionPool.check_connection,
+                                            kwargs={"row_factory": pg_rows, **NETWORK_TIMEOUTS},
+                                            check=ConnectionPool.check_connection,
                                             reconnect_timeout=RECONNECT_TIMEOUT, open=True, name="gpt2-store")
                 self._pool_pid = os.getpid()
             return self._pool

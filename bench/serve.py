@@ -28,13 +28,14 @@ from model import GPTConfig  # noqa: E402
 from common import paired_models  # noqa: E402
 
 
-def start_server(workdir, ckpt_dir):
+def start_server(workdir, ckpt_dir, *args):
+    """A live api_server.py serving the checkpoint in ckpt_dir; args: more flags."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(port), "--device", "cpu",
                              "--models_dir", "models", "--model_path", ckpt_dir,
-                             "--anonymous_rate_per_minute", "0"], cwd=workdir,  # the clients are keyless and many
+                             "--anonymous_rate_per_minute", "0", *args], cwd=workdir,  # the clients are keyless and many
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "server.log"), "w"))
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
