@@ -1,8 +1,9 @@
-// CPU matmuls for decoding, where PyTorch's stock kernels fall short (bench/decode.py):
-//   mm_q8:  x @ W with W int8 per output column and x quantized per block of 32 on the fly, as
-//           llama.cpp's q8_0 does; AVX-512 VNNI dot products (a portable loop elsewhere).
-//   mm_f32: x @ W in fp32 for the few rows of a batched decode step, straight from W's (in, out)
-//           layout, so no packed copy of the weights is needed.
+// CPU kernels for decoding, where PyTorch's stock kernels fall short (bench/decode.py):
+//   mm_int8: x @ W with W int8 per output column and x quantized to int16 per block of 32 on the
+//            fly; AVX-512 VNNI dot products (a portable loop elsewhere).
+//   mm_f32:  x @ W in fp32 for the few rows of a batched decode step, straight from W's (in, out)
+//            layout, so no packed copy of the weights is needed.
+//   attend:  attention of decode steps (and drafts) over the KV cache.
 // Built by kernels.py with -march=native on the machine that runs it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -24,39 +25,34 @@ constexpr int BLOCK = 32;  // activations share one scale per 32 inputs
 
 bool fast_path() { return FAST_PATH; }
 
-// Rows of activations quantized per block: q = round(x / s), s = max|x| / 127, zero-padded to Kp.
+// Rows of activations quantized to int16 per block: q = round(x / s), s = max|x| / 32767, zero-padded
+// to Kp. int16 keeps them as good as fp32 here (bench/quality.py: int8 activations, as in
+// llama.cpp's q8_0, cost trained models a quarter of their greedy agreement); 32 products of an
+// int16 and an int8 cannot overflow the int32 sums.
 struct QRows {
-  std::vector<int8_t> q;
+  std::vector<int16_t> q;
   std::vector<float> s;
-  std::vector<int32_t> c;  // 128 * sum(q) per block: the weights are stored + 128 (unsigned)
 };
 
 static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, QRows& r) {
   const int64_t nb = Kp / BLOCK;
   r.q.assign(M * Kp, 0);
   r.s.assign(M * nb, 0.f);
-  r.c.assign(M * nb, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t k0 = b * BLOCK, k1 = std::min(K, k0 + BLOCK);
       float amax = 0.f;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[m * K + k]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const int8_t q = (int8_t)std::nearbyint(x[m * K + k] * inv);
-        r.q[m * Kp + k] = q;
-        sum += q;
-      }
-      r.s[m * nb + b] = amax / 127.f;
-      r.c[m * nb + b] = 128 * sum;
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      for (int64_t k = k0; k < k1; ++k) r.q[m * Kp + k] = (int16_t)std::nearbyint(x[m * K + k] * inv);
+      r.s[m * nb + b] = amax / 32767.f;
     }
 }
 
-// acc[i][0:TILE] = x[m0 + i] @ W[:, tile] for MB rows. w: this tile's (Kp/4, TILE, 4) unsigned
-// bytes, 4 consecutive inputs of one column together, as VNNI's dot product of 4 bytes wants them.
+// acc[i][0:TILE] = x[m0 + i] @ W[:, tile] for MB rows. w: this tile's (Kp/2, TILE, 2) int8, two
+// consecutive inputs of one column side by side, as the VNNI int16 dot product (vpdpwssd) reads them.
 template <int MB>
-static void q8_tile(const QRows& r, int64_t m0, int64_t Kp, const uint8_t* w, float* acc) {
+static void int8_tile(const QRows& r, int64_t m0, int64_t Kp, const int8_t* w, float* acc) {
   const int64_t nb = Kp / BLOCK;
   std::fill(acc, acc + MB * TILE, 0.f);
 #if FAST_PATH
@@ -66,25 +62,25 @@ static void q8_tile(const QRows& r, int64_t m0, int64_t Kp, const uint8_t* w, fl
     for (int u = 0; u < U; ++u)
       for (int i = 0; i < MB; ++i)
         for (int v = 0; v < 4; ++v) iacc[u][i][v] = _mm512_setzero_si512();
-    for (int g = 0; g < BLOCK / 4; ++g) {
-      const int64_t kg = b * (BLOCK / 4) + g;
+    for (int g = 0; g < BLOCK / 2; ++g) {
+      const int64_t kp = b * (BLOCK / 2) + g;
       __m512i wv[4];
-      for (int v = 0; v < 4; ++v) wv[v] = _mm512_loadu_si512(w + kg * TILE * 4 + 64 * v);
+      for (int v = 0; v < 4; ++v)
+        wv[v] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + kp * TILE * 2 + 32 * v)));
       for (int i = 0; i < MB; ++i) {
-        int32_t x4;
-        std::memcpy(&x4, r.q.data() + (m0 + i) * Kp + kg * 4, 4);
-        const __m512i xv = _mm512_set1_epi32(x4);
-        for (int v = 0; v < 4; ++v) iacc[g % U][i][v] = _mm512_dpbusd_epi32(iacc[g % U][i][v], wv[v], xv);
+        int32_t x2;
+        std::memcpy(&x2, r.q.data() + (m0 + i) * Kp + kp * 2, 4);
+        const __m512i xv = _mm512_set1_epi32(x2);
+        for (int v = 0; v < 4; ++v) iacc[g % U][i][v] = _mm512_dpwssd_epi32(iacc[g % U][i][v], wv[v], xv);
       }
     }
     for (int i = 0; i < MB; ++i) {
-      const __m512i c = _mm512_set1_epi32(r.c[(m0 + i) * nb + b]);
       const __m512 s = _mm512_set1_ps(r.s[(m0 + i) * nb + b]);
       for (int v = 0; v < 4; ++v) {
         __m512i sum = iacc[0][i][v];
         if (U == 2) sum = _mm512_add_epi32(sum, iacc[U - 1][i][v]);
         float* a = acc + i * TILE + 16 * v;
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, c)), s, _mm512_loadu_ps(a)));
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, _mm512_loadu_ps(a)));
       }
     }
   }
@@ -92,26 +88,25 @@ static void q8_tile(const QRows& r, int64_t m0, int64_t Kp, const uint8_t* w, fl
   for (int i = 0; i < MB; ++i)
     for (int64_t b = 0; b < nb; ++b) {
       int32_t iacc[TILE] = {};
-      for (int64_t kg = b * (BLOCK / 4); kg < (b + 1) * (BLOCK / 4); ++kg)
+      for (int64_t kp = b * (BLOCK / 2); kp < (b + 1) * (BLOCK / 2); ++kp)
         for (int n = 0; n < TILE; ++n)
-          for (int t = 0; t < 4; ++t)
-            iacc[n] += (int32_t)w[(kg * TILE + n) * 4 + t] * r.q[(m0 + i) * Kp + kg * 4 + t];
-      for (int n = 0; n < TILE; ++n)
-        acc[i * TILE + n] += (float)(iacc[n] - r.c[(m0 + i) * nb + b]) * r.s[(m0 + i) * nb + b];
+          for (int t = 0; t < 2; ++t)
+            iacc[n] += (int32_t)w[(kp * TILE + n) * 2 + t] * r.q[(m0 + i) * Kp + kp * 2 + t];
+      for (int n = 0; n < TILE; ++n) acc[i * TILE + n] += (float)iacc[n] * r.s[(m0 + i) * nb + b];
     }
 #endif
 }
 
-// y (M, N) = (x @ W) * scale + bias. wq: (N/TILE, Kp/4, TILE, 4) bytes of round(W / scale) + 128.
-torch::Tensor mm_q8(torch::Tensor x, torch::Tensor wq, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                    int64_t N) {
+// y (M, N) = (x @ W) * scale + bias. wq: (N/TILE, Kp/2, TILE, 2) int8 round(W / scale).
+torch::Tensor mm_int8(torch::Tensor x, torch::Tensor wq, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                      int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous fp32 (M, K)");
-  const int64_t M = x.size(0), K = x.size(1), Kp = wq.size(1) * 4;
-  TORCH_CHECK(K <= Kp && wq.size(0) * TILE >= N, "x and the packed weight disagree in shape");
+  const int64_t M = x.size(0), K = x.size(1), Kp = wq.size(1) * 2;
+  TORCH_CHECK(K <= Kp && Kp % BLOCK == 0 && wq.size(0) * TILE >= N, "x and the packed weight disagree in shape");
   QRows r;
   quantize_rows(x.data_ptr<float>(), M, K, Kp, r);
   auto y = torch::empty({M, N}, x.options());
-  const uint8_t* wp = wq.data_ptr<uint8_t>();
+  const int8_t* wp = wq.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
@@ -121,9 +116,9 @@ torch::Tensor mm_q8(torch::Tensor x, torch::Tensor wq, torch::Tensor scale, c10:
       const int64_t n0 = t * TILE, nn = std::min<int64_t>(TILE, N - n0);
       for (int64_t m = 0; m < M;) {
         const int mb = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-        if (mb == 4) q8_tile<4>(r, m, Kp, wp + t * Kp * TILE, acc);
-        else if (mb == 2) q8_tile<2>(r, m, Kp, wp + t * Kp * TILE, acc);
-        else q8_tile<1>(r, m, Kp, wp + t * Kp * TILE, acc);
+        if (mb == 4) int8_tile<4>(r, m, Kp, wp + t * Kp * TILE, acc);
+        else if (mb == 2) int8_tile<2>(r, m, Kp, wp + t * Kp * TILE, acc);
+        else int8_tile<1>(r, m, Kp, wp + t * Kp * TILE, acc);
         for (int i = 0; i < mb; ++i)
           for (int64_t n = 0; n < nn; ++n)
             yp[(m + i) * N + n0 + n] = acc[i * TILE + n] * sp[n0 + n] + (bp ? bp[n0 + n] : 0.f);

@@ -3,9 +3,11 @@ CPU matmul kernels for decoding (kernels.cpp), built on first use with torch.uti
 and the machine's g++ (-march=native; about 30 s once, then loaded from ~/.cache/torch_extensions).
 
 - int8 weights (`--quantize int8`): pack_int8() turns an fp32 (in, out) weight into int8 with one
-  scale per output column; linear_int8() multiplies fp32 activations by it, quantizing them per
-  block of 32 on the fly (as llama.cpp's q8_0) and using AVX-512 VNNI dot products. 1 row: ~3.5x
-  faster than fp32 addmm; 4-8 rows: 6-15x; prefills 2.5-4x (bench/decode.py measures the whole).
+  scale per output column; linear_int8() multiplies fp32 activations by it, quantizing them to
+  int16 per block of 32 on the fly and using AVX-512 VNNI int16 dot products. Reading a quarter
+  of the bytes, it decodes 3-4x faster than fp32 (bench/decode.py); int16 activations keep its
+  greedy tokens as fp32's would be under int8 weights alone (int8 activations, as llama.cpp's
+  q8_0 uses, cost the trained char model a quarter of its greedy agreement: bench/quality.py).
 - fp32 few-row matmuls (a batched decode step) straight from the (in, out) weight, 1.3-1.6x faster
   than MKL's addmm here and without the packed copy oneDNN would need.
 - decoding attention (one query per row and head, or a few drafts) over the KV cache, reading
@@ -33,7 +35,7 @@ def ops():
             source = f.read()
         # named by the source's hash: an edited kernels.cpp never meets a stale build
         name = "gpt2_cpu_kernels_" + hashlib.sha256(source.encode()).hexdigest()[:12]
-        return load_inline(name, source, functions=["mm_q8", "mm_f32", "attend", "fast_path"],
+        return load_inline(name, source, functions=["mm_int8", "mm_f32", "attend", "fast_path"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no headers, an unwritable cache: decoding still works
         log.warning("CPU kernels unavailable (%s: %s); int8 is off and fp32 uses addmm",
@@ -54,12 +56,12 @@ def cpu_fp32(t):
 
 def pack_int8(w):
     """w: (in, out) fp32, any strides (a view of the file or of wte.T). Returns (packed, scale):
-    packed (out/64, in/4, 64, 4) uint8 holding round(w / scale) + 128, four consecutive inputs of
-    one output column side by side as the VNNI dot product reads them; scale (out,) fp32, per
+    packed (out/64, in/2, 64, 2) int8 holding round(w / scale), two consecutive inputs of one
+    output column side by side as the VNNI dot product reads them; scale (out,) fp32, one per
     output column (max |w| / 127). Done 4,096 columns at a time so temporaries stay small."""
     K, N = w.shape
     Kp, tiles = -(-K // BLOCK) * BLOCK, -(-N // TILE)
-    packed = torch.empty(tiles, Kp // 4, TILE, 4, dtype=torch.uint8)
+    packed = torch.empty(tiles, Kp // 2, TILE, 2, dtype=torch.int8)
     scale = torch.empty(N)
     step = 64  # tiles per slice
     for t0 in range(0, tiles, step):
@@ -67,16 +69,16 @@ def pack_int8(w):
         n0, n1 = t0 * TILE, min(N, t1 * TILE)
         cols = w[:, n0:n1].float()
         s = cols.abs().amax(0).clamp(min=1e-30) / 127
-        q = torch.full((Kp, (t1 - t0) * TILE), 128, dtype=torch.uint8)
-        q[:K, :n1 - n0] = (torch.round(cols / s).clamp(-127, 127) + 128).to(torch.uint8)
-        packed[t0:t1] = q.view(Kp // 4, 4, t1 - t0, TILE).permute(2, 0, 3, 1)
+        q = torch.zeros(Kp, (t1 - t0) * TILE, dtype=torch.int8)
+        q[:K, :n1 - n0] = torch.round(cols / s).clamp(-127, 127).to(torch.int8)
+        packed[t0:t1] = q.view(Kp // 2, 2, t1 - t0, TILE).permute(2, 0, 3, 1)
         scale[n0:n1] = s
     return packed, scale
 
 
 def linear_int8(x, packed, scale, bias, n_out):
     """x (M, in) fp32 -> (M, n_out) = x @ W + bias with W as packed by pack_int8."""
-    return ops().mm_q8(x.contiguous(), packed, scale, bias, n_out)
+    return ops().mm_int8(x.contiguous(), packed, scale, bias, n_out)
 
 
 def attend(q, k, v, lengths):

@@ -19,15 +19,15 @@ pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="the CPU kernels c
 
 
 def int8_reference(x, w, bias):
-    """What mm_q8 computes: w int8 per output column, x int8 per block of 32 inputs."""
+    """What mm_int8 computes: w int8 per output column, x int16 per block of 32 inputs."""
     scale = w.abs().amax(0).clamp(min=1e-30) / 127
     wq = torch.round(w / scale).clamp(-127, 127)
     K = x.size(1)
     Kp = -(-K // 32) * 32
     blocks = torch.nn.functional.pad(x, (0, Kp - K)).view(x.size(0), -1, 32)
-    xs = blocks.abs().amax(-1, keepdim=True) / 127
+    xs = blocks.abs().amax(-1, keepdim=True) / 32767
     xq = torch.where(xs > 0, torch.round(blocks / xs.clamp(min=1e-30)), 0.0)
-    return ((xq * xs).view(x.size(0), Kp)[:, :K] @ wq) * scale + bias
+    return ((xq * xs).view(x.size(0), Kp)[:, :K].double() @ wq.double()).float() * scale + bias
 
 
 @pytest.mark.parametrize("K,N", [(64, 192), (96, 200), (40, 70), (768, 64)])
@@ -40,7 +40,7 @@ def test_int8_matmul_is_the_documented_arithmetic_and_close_to_fp32(K, N):
         y = kernels.linear_int8(x, packed, scale, bias, N)
         torch.testing.assert_close(y, int8_reference(x, w, bias), rtol=1e-4, atol=1e-5)
         exact = torch.addmm(bias, x, w)
-        assert ((y - exact).norm() / (exact - bias).norm()) < 0.03  # ~1% per matmul in practice
+        assert ((y - exact).norm() / (exact - bias).norm()) < 0.01  # ~0.5% per matmul in practice
 
 
 def test_decode_attention_reads_each_row_up_to_its_length_only():
