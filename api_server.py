@@ -58,6 +58,7 @@ DEFAULTS = dict(
     max_train_jobs=1,  # /api/train answers 409 while this many run
     max_batch=8,  # sequences decoded together
     max_queue=64,  # requests waiting beyond that get 503
+    draft_tokens=8,  # speculative decoding of a greedy request decoding alone (generate.py); 0 = off
     max_batch_prompts=32,  # /generate/batch
     max_body_bytes=1 << 20,  # larger bodies get 413 (LUT imports may be up to 64x this)
     request_timeout=300,  # seconds a generation may take
@@ -87,7 +88,7 @@ class ModelSlot:
         device, dtype = resolve_device(self.cfg["device"], self.cfg["dtype"])
         model = load_model(init_from, device, dtype, self.cfg["quantize"])
         tokenizer = get_tokenizer(model.tokenizer_spec)
-        engine = Engine(model, tokenizer, self.cfg["max_batch"], self.cfg["max_queue"])
+        engine = Engine(model, tokenizer, self.cfg["max_batch"], self.cfg["max_queue"], self.cfg["draft_tokens"])
         with self.lock:
             old = self.engine
             self.model, self.tokenizer, self.engine, self.name, self.error = model, tokenizer, engine, name, None
@@ -311,6 +312,9 @@ def main(argv=None):
                    "(default: $GPT_REDIS_URL)")
     p.add_argument("--max_batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max_queue", type=int, default=64, help="waiting requests before 503")
+    p.add_argument("--draft_tokens", type=int, default=8, help="speculative decoding: tokens drafted (a LUT's taught "
+                   "continuation, or prompt lookup) and verified in one pass for a greedy request decoding alone; "
+                   "0 = off")
     p.add_argument("--request_timeout", type=int, default=300, help="seconds a generation may take before 504")
     p.add_argument("--rate_limit_per_minute", type=int, default=60, help="requests per minute per API key")
     p.add_argument("--rate_limit_burst", type=int, default=10, help="requests an API key may make at once")

@@ -8,7 +8,7 @@ import collections
 import logging
 import threading
 
-from generate import Batcher, Sequence
+from generate import DRAFT_TOKENS, Batcher, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ class Job:
 
 class Engine:
 
-    def __init__(self, model, tokenizer, max_batch=8, max_queue=64):
+    def __init__(self, model, tokenizer, max_batch=8, max_queue=64, draft_tokens=DRAFT_TOKENS):
         self.model, self.tokenizer = model, tokenizer
-        self.batcher = Batcher(model, max_batch=max_batch)
+        self.batcher = Batcher(model, max_batch=max_batch, draft_tokens=draft_tokens)
         self.max_queue = max_queue
         self.waiting = collections.deque()
         self._wake = threading.Condition()
@@ -130,7 +130,8 @@ class Engine:
                 for job in running.values():
                     job.fail(RuntimeError(f"generation failed: {e}"))
                 running.clear()
-                self.batcher = Batcher(self.model, max_batch=self.batcher.max_batch)
+                self.batcher = Batcher(self.model, max_batch=self.batcher.max_batch,
+                                       draft_tokens=self.batcher.draft_tokens)
                 continue
             for seq in advanced:
                 job = running.get(id(seq))

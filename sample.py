@@ -9,7 +9,7 @@ Sample from a GPT-2 or a model trained here, optionally through a user's LUT.
 import argparse
 import sys
 
-from generate import GenerationError, SamplingParams, generate
+from generate import DRAFT_TOKENS, GenerationError, SamplingParams, generate
 from model import QUANTIZE, ModelLoadError, load_model, resolve_device
 from tokenizer import get_tokenizer
 
@@ -34,6 +34,9 @@ def parse_args(argv=None):
                    help="weights and activations dtype (float16 only on CUDA)")
     p.add_argument("--quantize", default=None, choices=QUANTIZE, help="int8: weights in int8 with a scale per "
                    "output column, 3-4x faster decoding on a CPU (see kernels.py); default: none")
+    p.add_argument("--draft_tokens", type=int, default=DRAFT_TOKENS, help="speculative decoding of greedy samples "
+                   "drawn one at a time (--greedy --num_samples 1, or --stream): tokens drafted from the LUT or the "
+                   "prompt and verified in one pass; the output is the same; 0 = off")
     p.add_argument("--lut_name", default=None, help="apply this user's LUT (see lut.py)")
     p.add_argument("--lut_db", default="out/luts.sqlite", help="the SQLite file holding the LUTs")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one sample at a time)")
@@ -69,10 +72,12 @@ def main(argv=None):
         if args.stream:  # one sample at a time, text printed as it comes
             for p in params:
                 print(prompt, end="", flush=True)
-                generate(model, tokenizer, [ids], p, [lut], on_text=lambda _, delta: print(delta, end="", flush=True))
+                generate(model, tokenizer, [ids], p, [lut], on_text=lambda _, delta: print(delta, end="", flush=True),
+                         draft_tokens=args.draft_tokens)
                 print("\n---------------")
         else:  # all samples decoded together as one batch
-            for s in generate(model, tokenizer, [ids] * len(params), params, [lut] * len(params)):
+            for s in generate(model, tokenizer, [ids] * len(params), params, [lut] * len(params),
+                              draft_tokens=args.draft_tokens):
                 print(prompt + s.text)
                 print("---------------")
     except (OSError, ValueError, ModelLoadError) as e:  # GenerationError and LUT errors are ValueErrors

@@ -185,21 +185,23 @@ def main():
                    "(4 in 5 tinyshakespeare windows, 1 in 5 written by the base model)")
     p.add_argument("--recall_labels", type=int, default=200, help="labels checked behind each leading text")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="teach and recall on the int8 model")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     if args.init_from:
-        model = load_model(args.init_from)
+        model = load_model(args.init_from, quantize=args.quantize)
         desc = args.init_from
     else:
         model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)).eval()
+        model = model.quantize_int8() if args.quantize else model
         desc = f"random GPT-2 shape n_layer={args.n_layer} n_embd={args.n_embd}"
     tok = get_tokenizer(getattr(model, "tokenizer_spec", None))
     db = os.path.join(tempfile.mkdtemp(), "luts.sqlite")
     store = LUTStore(db)
     labels = make_labels(args.labels, rng, tok)
     common = sum(label.split()[0] in ("The", "I", "It", "In") for label, _ in labels)
-    print(f"{desc}; fp32 CPU, {torch.get_num_threads()} threads; {len(labels)} labels, {common} starting with "
+    print(f"{desc}; {args.quantize or 'fp32'} CPU, {torch.get_num_threads()} threads; {len(labels)} labels, {common} starting with "
           f"common words; trigger = shortest start with a rare word or two uncommon ones")
     targets = Targets()
 
