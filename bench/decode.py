@@ -71,13 +71,15 @@ def load_hf(snapshot):
     return GPT2LMHeadModel.from_pretrained(snapshot, dtype=torch.float32).eval()
 
 
-def llama_cpp(args, snapshot, types):
-    """llama.cpp's figures for this model, or None without --llama_cpp."""
+def llama_cpp(args, snapshot, targets):
+    """llama.cpp's f32 and q8_0 figures for this model (after checking that its f32 GGUF is the
+    same model: transformers' greedy tokens), or None without --llama_cpp."""
     if not args.llama_cpp:
         return None
     import llama_cpp as peer
+    targets.check("llama.cpp's f32 GGUF gives transformers' greedy tokens", peer.check_greedy(args.llama_cpp, snapshot))
     return peer.measure(args.llama_cpp, snapshot, threads=args.threads, new_tokens=args.new_tokens,
-                        batch=args.batch, types=types)
+                        batch=args.batch, types=("f32", "q8_0"))
 
 
 def speculative(model, targets, args):
@@ -172,7 +174,7 @@ def main():
             tokens[q, b] = ids
         if q == "int8" and not args.no_spec:
             spec_model = model
-    peer = llama_cpp(args, snap, ("f32", "q8_0"))
+    peer = llama_cpp(args, snap, targets)
     print(f"{'decode tok/s':24}{'1 stream':>10}{f'batch {args.batch}':>10}")
     rows = [("ours fp32", ours[None, 1], ours[None, args.batch]), ("ours int8", ours["int8", 1], ours["int8", args.batch]),
             ("transformers fp32", hf_fig[1][0], hf_fig[args.batch][0])]
@@ -216,11 +218,15 @@ def xl(args, hf_home, env, targets):
     hf = load_hf(snap)
     hf_fig, _ = hf_tok_s(hf, prompt, args.xl_tokens // 2, 1)
     del hf
-    peer = llama_cpp(args, snap, ("q8_0",))
+    peer = None
+    if args.llama_cpp:
+        import llama_cpp
+        peer = llama_cpp.bench_single(args.llama_cpp, llama_cpp.convert(args.llama_cpp, snap, "q8_0"), args.threads,
+                                      args.xl_tokens)
     print(f"1 stream tok/s: ours int8 {int8:.2f}, transformers fp32 {hf_fig:.2f}"
-          + (f", llama.cpp q8_0 {peer['q8_0']['single']:.2f}" if peer else ", llama.cpp not measured"))
+          + (f", llama.cpp q8_0 {peer:.2f}" if peer else ", llama.cpp not measured"))
     if peer:
-        r = int8 / peer["q8_0"]["single"]
+        r = int8 / peer
         targets.check(f"XL int8 1 stream: {r:.2f}x llama.cpp q8_0 (target >= 1.0x)", r >= 1.0)
     else:
         r = int8 / hf_fig
