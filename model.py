@@ -185,7 +185,7 @@ class KVCache:
 
     def reserve(self, length):
         """Make room for `length` positions per row. Slots past a row's length are never read by
-        kernels.attend_one, so on its path they stay uninitialised (no page is touched before use);
+        kernels.attend, so on its path they stay uninitialised (no page is touched before use);
         elsewhere they are zeros, so masked slots are never NaN."""
         cap = self.k[0].size(2) if self.k else 0
         if length <= cap:
