@@ -212,7 +212,9 @@ def xl(args, hf_home, env, targets):
     snap = random_hub_model(hf_home, "gpt2-xl")
     weights_mb = os.path.getsize(os.path.join(snap, "model.safetensors")) / 2**20
     prompt = [list(range(args.prompt_len))]
+    t0 = time.perf_counter()
     model = load_model("gpt2-xl", quantize="int8")
+    print(f"load_model('gpt2-xl', quantize='int8'): {time.perf_counter() - t0:.1f} s from the fp32 file")
     int8, _ = ours_tok_s(model, prompt, args.xl_tokens, max(1, args.repeat - 1))
     del model
     hf = load_hf(snap)
