@@ -319,7 +319,8 @@ class Batcher:
         there: the tokens are those plain decoding gives (each position is computed as its own
         decode step would be, LUT included). Returns False where it does not apply."""
         p = s.params
-        if not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logprobs:
+        if (not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                or p.logprobs is not None):
             return False
         if s.draft_pause:  # drafts missed lately: a few plain steps
             s.draft_pause -= 1
