@@ -22,6 +22,11 @@ class Targets:
         if not ok:
             self.missed.append(what)
 
+    def finish(self):
+        """Print the verdict and exit: 0 when every target was met, 1 otherwise."""
+        print("all targets met" if not self.missed else f"{len(self.missed)} target(s) missed")
+        sys.exit(1 if self.missed else 0)
+
 
 class NoTokenizer:
     """Benchmarks feed token ids; text is not needed."""

@@ -14,7 +14,6 @@ shown next to the same figure for the fp32 weights merely rounded to bfloat16, f
 import argparse
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -91,8 +90,7 @@ def main():
               f"identical (weights rounded to bfloat16: {ref_same:.1%}, {ref_prefix:.1f}, {ref_whole})")
         targets.check(f"{init_from}: int8 perplexity within 1% of fp32 ({ppl['int8'] / ppl['fp32'] - 1:+.2%})",
                       ppl["int8"] <= 1.01 * ppl["fp32"])
-    print("all targets met" if not targets.missed else f"{len(targets.missed)} target(s) missed")
-    sys.exit(1 if targets.missed else 0)
+    targets.finish()
 
 
 if __name__ == "__main__":
