@@ -48,7 +48,7 @@ STATEFUL = "^(load_model_route|models_load|models_unload|models_start|models_sto
 def no_undocumented_server_error(ctx, response, case):
     """Any 5xx fails, except the documented 503 with Retry-After (the queue is full, or a model the
     request names cannot be started: here gpt2-xl, whose weights are not in the offline cache)."""
-    if response.status_code == 503 and "Retry-After" in response.headers:
+    if response.status_code == 503 and "retry-after" in {k.lower() for k in response.headers}:  # lower-cased here
         return None
     return not_a_server_error(ctx, response, case)
 

@@ -235,7 +235,8 @@ def test_database_outage_under_load_then_resume_and_redis_down(replicas):
         if name and s == 200:
             assert stored[name]["labels"] == 1 and stored[name]["entries"] > 0  # nothing acknowledged lost
 
-    admin = {"Authorization": "Bearer " + requests.post(f"{urls[0]}/keys", json={"name": "a", "admin": True}).json()["key"]}
+    key = requests.post(f"{urls[0]}/keys", json={"name": "a", "admin": True}).json()["key"]
+    admin = {"Authorization": f"Bearer {key}"}
     replicas.redis[0].cut()
     for url in urls:  # a key's rate limit, per process now
         assert requests.get(f"{url}/luts", headers=admin).status_code == 200

@@ -3,7 +3,6 @@ schema (db_target in conftest.py). LUTs stored whole or not at all and bit-ident
 caches revalidated across stores (as across replicas), keys and usage, training jobs shared by two
 Trainers, versioned migrations, and a database that goes away and comes back."""
 import json
-import os
 import socket
 import subprocess
 import sys
