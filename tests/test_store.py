@@ -262,3 +262,4 @@ def test_unreachable_database_is_store_unavailable():
         with Transaction(db) as c:
             c.execute("SELECT 1")
     assert e.value.headers["Retry-After"] and time.time() - started < 30
+    db.close()
