@@ -10,7 +10,6 @@ PROMETHEUS_MULTIPROC_DIR (set here unless given; emptied at start-up) and GET /m
 worker's; a worker that exits has its live gauges dropped.
 """
 import os
-import shutil
 import tempfile
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:5000")
@@ -26,8 +25,11 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempd
 
 
 def on_starting(server):
-    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)  # counts of an earlier run
-    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # the metric files of an earlier run, nothing else
+        if name.endswith(".db"):
+            os.remove(os.path.join(folder, name))
 
 
 def child_exit(server, worker):
