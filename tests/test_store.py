@@ -204,6 +204,7 @@ def test_training_job_shared_by_two_trainers(db_target, tmp_path, cli_env):
                 "block_size": 16, "batch_size": 4, "max_iters": 100000, "eval_interval": 50, "eval_iters": 1,
                 "log_interval": 1, "device": "cpu"}
     a, b = Trainer(db_target), Trainer(db_target)
+    b.host = "another-host"  # b stands for a replica elsewhere: it cannot signal a's process itself
     job = a.start(settings, "out/job", str(out), {"dataset": "shakespeare_char"})
     with pytest.raises(JobError) as e:
         b.start(settings, "out/other", str(tmp_path / "out" / "other"), {})
@@ -213,7 +214,11 @@ def test_training_job_shared_by_two_trainers(db_target, tmp_path, cli_env):
         assert time.time() < deadline, b.get(job["job_id"])
         time.sleep(0.3)
     assert [j["status"] for j in b.list()] == ["running"]
-    cancelled = b.cancel(job["job_id"])
+    time.sleep(1.5)  # the runner's copy of the progress, for replicas that cannot read its files
+    with Database(db_target).connection() as c:
+        copied = json.loads(c.execute("SELECT progress FROM train_jobs WHERE id = ?", (job["job_id"],)).fetchone()[0])
+    assert copied["iteration"] >= 2 and copied["max_iters"] == 100000
+    cancelled = b.cancel(job["job_id"])  # recorded by b, carried out by a's runner
     assert cancelled["status"] == "cancelled"
     assert a.get(job["job_id"])["status"] == "cancelled"
     while a.procs:  # the runner records the end before the schema goes
