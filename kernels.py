@@ -8,8 +8,8 @@ and the machine's g++ (-march=native; about 30 s once, then loaded from ~/.cache
   of the bytes, it decodes 3-4x faster than fp32 (bench/decode.py); int16 activations keep its
   greedy tokens as fp32's would be under int8 weights alone (int8 activations, as llama.cpp's
   q8_0 uses, cost the trained char model a quarter of its greedy agreement: bench/quality.py).
-- fp32 few-row matmuls (a batched decode step) straight from the (in, out) weight, 1.3-1.6x faster
-  than MKL's addmm here and without the packed copy oneDNN would need.
+- fp32 few-row matmuls (decode steps, short prompts) straight from the (in, out) weight, 1.1-2x
+  faster than MKL's addmm here and without the packed copy oneDNN would need for batches.
 - decoding attention (one query per row and head, or a few drafts) over the KV cache, reading
   each row's own length only: torch's fused CPU attention spends ~2 ms a call on one query, its bmm path ~70 us.
 Where the kernels cannot be built (no compiler), fp32 falls back to torch's ops and int8 is refused.

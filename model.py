@@ -26,7 +26,7 @@ PRETRAINED = {  # model_type -> (n_layer, n_head, n_embd)
     "gpt2-xl": (48, 25, 1600),  # 1558M
 }
 HUB_ORG = "openai-community"
-FEW_ROWS = 16  # up to this many rows, fp32 CPU matmuls use kernels.py (a batched decode step)
+FEW_ROWS = 16  # up to this many rows, fp32 CPU matmuls use kernels.py (decode steps, short prompts)
 QUANTIZE = ("int8",)  # --quantize choices (CPU): int8 weights, see kernels.py
 INT8_CPU_ONLY = ("--quantize int8 is a CPU path for float32 weights; on CUDA use --dtype float16 or bfloat16 "
                  "(tensor cores beat int8 kernels at GPT-2's sizes)")
@@ -66,9 +66,9 @@ class Conv1D(nn.Module):
         x = x.reshape(-1, x.size(-1))
         if self.qweight is not None:
             y = kernels.linear_int8(x, self.qweight, self.qscale, self.bias, self.n_out)
-        elif 1 < x.size(0) <= FEW_ROWS and kernels.cpu_fp32(self.weight) and kernels.fast_f32():
-            # a batch's decode step or a short prompt: kernels.py's matmul beats MKL's addmm here
-            # by 1.3-1.6x (for one row addmm is as fast)
+        elif x.size(0) <= FEW_ROWS and kernels.cpu_fp32(self.weight) and kernels.fast_f32():
+            # a decode step (one row or a batch's) or a short prompt: kernels.py's matmul beats
+            # MKL's addmm here by 1.1-2x on 2 threads
             y = kernels.linear_f32(x, self.weight, self.bias)
         else:
             y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)

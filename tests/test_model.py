@@ -83,7 +83,7 @@ def test_few_row_linear_kernel_matches_addmm_and_training_keeps_autograd():
     layer = Conv1D(96, 200).eval()  # 200 columns: three whole tiles of 64 and a ragged rest
     torch.nn.init.normal_(layer.weight, std=0.02)
     torch.nn.init.normal_(layer.bias, std=0.02)
-    for rows in (1, 3, 8, 16, 40):  # one row and prefills take addmm, 2-16 rows the kernel
+    for rows in (1, 3, 8, 16, 40):  # up to 16 rows the kernel, longer prompts addmm
         x = torch.randn(rows, 1, 96)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), torch.addmm(layer.bias, x.view(rows, 96), layer.weight).view(rows, 1, 200))
