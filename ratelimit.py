@@ -40,19 +40,24 @@ class LocalBuckets:
     """This process's buckets."""
     shared = False
 
+    PRUNE_AT = 10_000  # buckets held before the full ones are dropped (one per client address)
+
     def __init__(self):
-        self._buckets = {}  # bucket -> (tokens, time)
+        self._buckets = {}  # bucket -> (tokens, time, when it is full again)
         self._lock = threading.Lock()
 
     def take(self, bucket, rate, burst):
         """Take a token if there is one -> (taken, tokens left)."""
         with self._lock:
             now = time.monotonic()
-            tokens, last = self._buckets.get(bucket, (burst, now))
+            tokens, last, _ = self._buckets.get(bucket, (burst, now, now))
             tokens = min(burst, tokens + (now - last) * rate)
             taken = tokens >= 1
-            self._buckets[bucket] = (tokens - taken, now)
-            return taken, tokens - taken
+            left = tokens - taken
+            self._buckets[bucket] = (left, now, now + (burst - left) / rate if rate > 0 else float("inf"))
+            if len(self._buckets) > self.PRUNE_AT:  # a full bucket is the same as none: forget those
+                self._buckets = {k: v for k, v in self._buckets.items() if v[2] > now}
+            return taken, left
 
 
 class RedisBuckets:

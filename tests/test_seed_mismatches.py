@@ -89,3 +89,14 @@ def test_generate_echoes_model_id_as_sent(hf_tiny, tmp_path):
     r = c.post("/generate", json={**ask, "model_id": 7})
     assert r.status_code == 400 and r.get_json()["detail"] == "model_id must be a string"
     assert os.path.exists(tmp_path / "luts.sqlite")
+
+
+def test_per_address_buckets_do_not_pile_up(monkeypatch):
+    from ratelimit import LocalBuckets
+    buckets = LocalBuckets()
+    monkeypatch.setattr(LocalBuckets, "PRUNE_AT", 100)
+    assert buckets.take("anon:busy", 1e-9, 1) == (True, 0)  # empty, and stays so (refills in ~30 years)
+    for i in range(250):  # one request each from many addresses: their buckets refill at once
+        buckets.take(f"anon:10.0.0.{i}", 1e9, 10)
+    assert len(buckets._buckets) <= 100
+    assert buckets.take("anon:busy", 1e-9, 1)[0] is False  # a bucket still in use is kept
