@@ -232,6 +232,8 @@ def create_app(config=None):
         cfg.update(config)
     if cfg["anonymous_rate_per_minute"] < 0 or cfg["anonymous_burst"] < 1 or cfg["trusted_proxies"] < 0:
         raise ValueError("anonymous_rate_per_minute and trusted_proxies must be >= 0, anonymous_burst >= 1")
+    if cfg["draft_tokens"] < 0:
+        raise ValueError("draft_tokens must be >= 0 (0 turns speculative decoding off)")
     app = Flask(__name__, static_folder=None)
     if cfg["trusted_proxies"]:  # the client's address is the one the nearest trusted proxy saw (ProxyFix)
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg["trusted_proxies"])

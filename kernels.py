@@ -43,6 +43,7 @@ def ops():
         return None
 
 
+@functools.cache
 def fast_f32():
     """The fp32 few-row kernel exists only with AVX-512 (elsewhere addmm is as good)."""
     return ops() is not None and ops().fast_path()

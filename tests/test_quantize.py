@@ -148,6 +148,9 @@ def test_server_serves_an_int8_model_and_its_luts(hf_tiny, tmp_path):
                       "models_dir": str(tmp_path / "out")})
     client = app.test_client()
     assert client.get("/api/status").get_json()["quantize"] == "int8"
+    with pytest.raises(ValueError, match="draft_tokens"):
+        create_app({"model_type": None, "draft_tokens": -1, "lut_db": str(tmp_path / "l.sqlite"),
+                    "state_db": str(tmp_path / "s.sqlite"), "models_dir": str(tmp_path / "out")})
     assert client.get("/models/current").get_json()["quantize"] == "int8"
     r = client.post("/train_lut", json={"label": "TLG Capital is an asset management firm.", "lut_name": "u1"})
     assert r.status_code == 200, r.get_json()
