@@ -71,7 +71,7 @@ def load_hf(snapshot):
     return GPT2LMHeadModel.from_pretrained(snapshot, dtype=torch.float32).eval()
 
 
-def llama_cpp(args, snapshot, targets):
+def llama_cpp_figures(args, snapshot, targets):
     """llama.cpp's f32 and q8_0 figures for this model (after checking that its f32 GGUF is the
     same model: transformers' greedy tokens), or None without --llama_cpp."""
     if not args.llama_cpp:
@@ -179,7 +179,7 @@ def main():
                 tps, tokens[q, b] = ours_tok_s(model, prompts[:b], args.new_tokens, args.repeat)
                 ours[q, b] = max(tps, ours.get((q, b), 0))
     measure_ours()
-    peer = llama_cpp(args, snap, targets)
+    peer = llama_cpp_figures(args, snap, targets)
     if peer:
         measure_ours()
     print(f"{'decode tok/s':24}{'1 stream':>10}{f'batch {args.batch}':>10}")
