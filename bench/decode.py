@@ -77,9 +77,12 @@ def llama_cpp_figures(args, snapshot, targets):
     if not args.llama_cpp:
         return None
     import llama_cpp as peer
-    targets.check("llama.cpp's f32 GGUF gives transformers' greedy tokens", peer.check_greedy(args.llama_cpp, snapshot))
-    return peer.measure(args.llama_cpp, snapshot, threads=args.threads, new_tokens=args.new_tokens,
-                        batch=args.batch, types=("f32", "q8_0"))
+    try:
+        targets.check("llama.cpp's f32 GGUF gives transformers' greedy tokens", peer.check_greedy(args.llama_cpp, snapshot))
+        return peer.measure(args.llama_cpp, snapshot, threads=args.threads, new_tokens=args.new_tokens,
+                            batch=args.batch, types=("f32", "q8_0"))
+    except peer.PeerError as e:  # a missing binary or a failed conversion: say which, no traceback
+        sys.exit(f"error: {e}")
 
 
 def speculative(model, targets, args):
