@@ -35,7 +35,7 @@ def ops():
             source = f.read()
         # named by the source's hash: an edited kernels.cpp never meets a stale build
         name = "gpt2_cpu_kernels_" + hashlib.sha256(source.encode()).hexdigest()[:12]
-        return load_inline(name, source, functions=["mm_int8", "mm_f32", "attend", "fast_path"],
+        return load_inline(name, source, functions=["mm_int8", "mm_f32", "attend", "decode_layers", "fast_path"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no headers, an unwritable cache: decoding still works
         log.warning("CPU kernels unavailable (%s: %s); int8 is off and fp32 uses addmm",
@@ -92,3 +92,15 @@ def attend(q, k, v, lengths):
 def linear_f32(x, w, bias):
     """x (M, in) @ w (in, out) + bias for a few rows (fast_f32() must hold)."""
     return ops().mm_f32(x.contiguous(), w, bias)
+
+
+def decode_layers(x, params, cache, positions, config):
+    """A decode step through every block in one call: x (B, 1, C) embedded tokens, params from
+    GPT._decode_params (None = no such tensor), cache the per-layer (k, v), positions (B, 1) where
+    each row's token goes. Returns the residual stream after the last block, (B, 1, C)."""
+    B, _, C = x.shape
+    none = torch.empty(0)
+    out = ops().decode_layers(x.reshape(B, C).contiguous(), [none if p is None else p for p in params],
+                              [k for k, _ in cache], [v for _, v in cache], positions.reshape(B).contiguous(),
+                              config.n_head, config.layer_norm_epsilon)
+    return out.view(B, 1, C)

@@ -273,8 +273,11 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
         pos_emb = self.transformer.wpe(positions)  # (B or 1, T, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[layer], pos, lengths)
+        if cache is not None and T == 1 and self._one_call_decode(x):
+            x = kernels.decode_layers(x, self._decode_params(), cache, positions, self.config)
+        else:
+            for layer, block in enumerate(self.transformer.h):
+                x = block(x, None if cache is None else cache[layer], pos, lengths)
         if lut is not None:
             x = lut.apply(x)  # values are added to the final residual of matched positions
         if logits_at is not None:
@@ -284,6 +287,24 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _one_call_decode(self, x):
+        """Whether a decode step runs its blocks in one call to kernels.py (CPU inference, fp32 with
+        the AVX-512 kernel for up to FEW_ROWS rows, or int8): the same ops as Block.forward."""
+        if self.training or not kernels.cpu_fp32(x):
+            return False
+        return self.quantized == "int8" or (x.size(0) <= FEW_ROWS and kernels.fast_f32())
+
+    def _decode_params(self):
+        """Every block's weights in the order kernels.decode_layers reads them."""
+        params = []
+        for block in self.transformer.h:
+            for m in (block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2, block.mlp.c_fc, block.mlp.c_proj):
+                if isinstance(m, nn.LayerNorm):
+                    params += [m.weight, m.bias]
+                else:
+                    params += [m.weight, None, m.bias] if m.qweight is None else [m.qweight, m.qscale, m.bias]
+        return params
 
     def _lm_head(self, x):
         w = self.lm_head.weight  # (vocab, n_embd), tied to wte
@@ -298,6 +319,10 @@ class GPT(nn.Module):
         key = (w.data_ptr(), w._version, w.dtype)
         if getattr(self, "_head_key", None) != key:
             self._head_t, self._head_key = w.detach().t().contiguous(), key
+        rows = x.reshape(-1, x.size(-1))
+        if rows.size(0) <= FEW_ROWS and kernels.cpu_fp32(x) and kernels.fast_f32():
+            # decode steps: kernels.py's matmul reads the 154 MB (at 124M) ~1.8x faster than addmm
+            return kernels.linear_f32(rows, self._head_t, None).view(*x.shape[:-1], w.size(0))
         return x @ self._head_t
 
     # ------------------------------------------------------------------ loading and saving

@@ -43,12 +43,13 @@ def test_int8_matmul_is_the_documented_arithmetic_and_close_to_fp32(K, N):
         assert ((y - exact).norm() / (exact - bias).norm()) < 0.01  # ~0.5% per matmul in practice
 
 
-def test_decode_attention_reads_each_row_up_to_its_length_only():
+@pytest.mark.parametrize("hs", [16, 64])  # a portable loop; GPT-2's head size has an AVX-512 path
+def test_decode_attention_reads_each_row_up_to_its_length_only(hs):
     torch.manual_seed(0)
-    B, nh, cap, hs = 3, 4, 20, 16
+    B, nh, cap = 3, 4, 40
     q = torch.randn(B, nh, 1, hs)
     k, v = torch.randn(B, nh, cap, hs), torch.randn(B, nh, cap, hs)
-    lengths = torch.tensor([1, 7, 20])
+    lengths = torch.tensor([1, 17, 40])  # one, more than 16, all: whole and partial vectors of scores
     for b, n in enumerate(lengths.tolist()):  # what lies past a row's length must not matter
         k[b, :, n:] = float("nan")
         v[b, :, n:] = float("inf")
@@ -65,6 +66,33 @@ def test_decode_attention_reads_each_row_up_to_its_length_only():
         y3 = kernels.attend(q3, k, v, start)
         for j in range(3):
             assert torch.equal(y3[:, :, j:j + 1], kernels.attend(q3[:, :, j:j + 1].contiguous(), k, v, start + j))
+
+
+@pytest.mark.parametrize("quantize,bias", [(None, True), ("int8", True), (None, False)])
+def test_one_call_decode_is_the_blocks_op_for_op(quantize, bias):
+    """kernels.decode_layers runs Block.forward's ops from C++: the logits are bit-identical, for rows
+    decoding at different positions, with and without biases, fp32 and int8."""
+    from model import KVCache
+    if not quantize and not kernels.fast_f32():
+        pytest.skip("fp32 decodes in one call only with the AVX-512 kernel")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=4, n_embd=128, vocab_size=500, bias=bias)).eval()
+    if quantize:
+        model.quantize_int8()
+    runs = []
+    for one_call in (True, False):
+        model._one_call_decode = lambda x, on=one_call: on and GPT._one_call_decode(model, x)
+        g = torch.Generator().manual_seed(1)
+        with torch.inference_mode():
+            cache = KVCache(model.config, 3, "cpu", torch.float32)
+            model(torch.randint(0, 500, (3, 6), generator=g), cache=cache.rows(0, 3), pos=0)
+            pos = torch.tensor([5, 3, 4])  # rows at different lengths (the prompt's tail rewritten)
+            runs.append(torch.stack([model(torch.randint(0, 500, (3, 1), generator=g), cache=cache.rows(0, 3),
+                                           pos=pos + step)[0] for step in range(1, 5)]))
+    del model._one_call_decode
+    with torch.inference_mode():
+        assert model._one_call_decode(torch.zeros(3, 1, 128))  # the path under test is the one taken
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_int8_model_follows_the_fp32_model(tiny):
