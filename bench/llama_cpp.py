@@ -127,13 +127,14 @@ def convert(llama_dir, model_dir, outtype, log=print):
 
 
 def bench_single(llama_dir, gguf, threads, new_tokens):
-    """Single-stream generation speed: llama-bench's tg test (no prompt), mean over its repetitions."""
+    """Single-stream generation speed: llama-bench's tg test (no prompt), the best of its repetitions
+    (bench/decode.py keeps the best of its own runs too)."""
     out = _run([_binary(llama_dir, "llama-bench"), "-m", gguf, "-p", "0", "-n", new_tokens, "-t", threads,
                 "-o", "json"], "llama-bench")
     tests = [t for t in json.loads(out) if t["n_gen"] == new_tokens and t["n_prompt"] == 0]
     if not tests:
         raise PeerError(f"llama-bench printed no tg{new_tokens} result:\n{out[-2000:]}")
-    return tests[0]["avg_ts"]
+    return max(tests[0].get("samples_ts") or [tests[0]["avg_ts"]])
 
 
 def bench_batch(llama_dir, gguf, threads, new_tokens, batch):
