@@ -10,9 +10,13 @@ up again by pid: still alive (and still train.py on that config) means running, 
 log says whether it finished ("done" record) or not.
 
 Replicas: the replica that starts a job runs and watches it (one runner per job) and copies its
-progress into the database every PROGRESS_EVERY seconds, so replicas on other hosts show it too;
-a cancel sent to any replica is recorded there, and the runner stops the process. max_jobs holds
-across replicas (the launch decision is taken under a database lock).
+progress into the database every PROGRESS_EVERY seconds, with a heartbeat, so replicas on other
+hosts show it too; a cancel sent to any replica is recorded there, and the runner stops the
+process. max_jobs holds across replicas (the launch decision is taken under a database lock).
+A runner that stops reporting for RUNNER_TIMEOUT seconds (its replica was killed, its host went
+away) makes the job "failed" with an error saying so, on every replica, instead of "running" for
+ever; a server restarted on the runner's host takes over watching a job still alive there, and a
+runner that reports again puts its job back to "running".
 """
 import json
 import os
@@ -28,6 +32,8 @@ from storage import Database, Transaction
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 LAUNCH_LOCK = 7_253_115  # storage lock key: one launch decision at a time, across replicas
 PROGRESS_EVERY = 1.0  # seconds between the runner's progress copies (and cancel checks)
+RUNNER_TIMEOUT = 60.0  # seconds without a heartbeat after which a job's runner counts as gone
+RUNNER_LOST = "its runner on host "  # how the error of a job whose runner went away begins
 
 # Versioned migrations (storage.Database.migrate); {id}, {real}: each engine's types. Version 2:
 # host is the runner's (only there is its pid meaningful); progress is the runner's copy of what
@@ -48,7 +54,9 @@ CREATE TABLE IF NOT EXISTS train_jobs (
 )""", """
 ALTER TABLE train_jobs ADD COLUMN host TEXT;
 ALTER TABLE train_jobs ADD COLUMN progress TEXT
-"""]
+""",
+    # version 3: when the runner last reported (time.time()); NULL for jobs of earlier versions
+    "ALTER TABLE train_jobs ADD COLUMN heartbeat {real}"]
 
 
 class JobError(Exception):
@@ -66,7 +74,9 @@ class Trainer:
         self.host = socket.gethostname()
         self.lock = threading.Lock()  # one launch decision at a time in this process
         self.procs = {}  # job id -> Popen, for the jobs this process started
+        self.adopted = set()  # ids of jobs an earlier server on this host started, watched here now
         self.db.migrate("trainer", MIGRATIONS)
+        self.list()  # takes over watching this host's jobs that are still alive
 
     def _db(self):
         return self.db.connection()
@@ -85,9 +95,10 @@ class Trainer:
                     j = running[0][0]
                     raise JobError(409, f"training job {j} is still running (one job at a time); wait for it "
                                         f"or cancel it with POST /api/train/{j}/cancel")
-                job_id = db.insert("INSERT INTO train_jobs (status, host, output_dir, out_dir, config, created) "
-                                   "VALUES ('running', ?, ?, ?, ?, ?)",
-                                   (self.host, output_dir, out_dir, json.dumps(request_config), time.time()))
+                now = time.time()
+                job_id = db.insert("INSERT INTO train_jobs (status, host, output_dir, out_dir, config, created, "
+                                   "heartbeat) VALUES ('running', ?, ?, ?, ?, ?, ?)",
+                                   (self.host, output_dir, out_dir, json.dumps(request_config), now, now))
             try:
                 proc = self._launch(settings, out_dir)
             except OSError as e:
@@ -118,23 +129,29 @@ class Trainer:
         output.close()
         return proc
 
+    def _report(self, job_id, pid, out_dir):
+        """The runner's report every PROGRESS_EVERY: progress and heartbeat (a job marked lost
+        meanwhile is running again), and a cancel recorded by any replica carried out."""
+        try:
+            with self._db() as db:
+                db.execute("UPDATE train_jobs SET progress = ?, heartbeat = ? WHERE id = ?",
+                           (json.dumps(progress(out_dir)), time.time(), job_id))
+                db.execute("UPDATE train_jobs SET status = 'running', error = NULL, finished = NULL "
+                           "WHERE id = ? AND status = 'failed' AND returncode IS NULL AND error LIKE ?",
+                           (job_id, RUNNER_LOST + "%"))
+                if db.execute("SELECT cancel_requested FROM train_jobs WHERE id = ?", (job_id,)).fetchone()[0]:
+                    os.killpg(pid, signal.SIGTERM)
+        except Exception:  # the database is down for a while: the job goes on, and so does this
+            pass
+
     def _watch(self, job_id, proc, out_dir):
-        """The runner: copies progress to the database, stops the job when a cancel was recorded
-        (by any replica), and records the end."""
+        """The runner: reports (_report) until the process ends, then records the end."""
         while True:
             try:
                 rc = proc.wait(timeout=PROGRESS_EVERY)
                 break
             except subprocess.TimeoutExpired:
-                pass
-            try:
-                with self._db() as db:
-                    db.execute("UPDATE train_jobs SET progress = ? WHERE id = ?",
-                               (json.dumps(progress(out_dir)), job_id))
-                    if db.execute("SELECT cancel_requested FROM train_jobs WHERE id = ?", (job_id,)).fetchone()[0]:
-                        os.killpg(proc.pid, signal.SIGTERM)
-            except Exception:  # the database is down for a while: the job goes on, and so does this
-                pass
+                self._report(job_id, proc.pid, out_dir)
         with self._db() as db:
             row = db.execute("SELECT cancel_requested FROM train_jobs WHERE id = ?", (job_id,)).fetchone()
             status = "cancelled" if row["cancel_requested"] else "succeeded" if rc == 0 else "failed"
@@ -194,16 +211,47 @@ class Trainer:
         return [self._describe(self._refresh(r), tail=0) for r in rows]
 
     def _refresh(self, row):
-        """A job recorded as running that no thread here is watching (the server restarted):
-        alive means running; gone means finished or failed, as its log says."""
-        if (row["status"] != "running" or row["id"] in self.procs or row["host"] not in (None, self.host)
-                or row["pid"] is None or _alive(row["pid"], row["out_dir"])):
-            return row  # ended, watched here, another host's (its runner records it), being launched, or alive
+        """A job recorded as running that no thread here is watching: another host's whose runner
+        stopped reporting is failed; one of this host's (the server restarted) is watched again
+        while alive, and once gone it finished or failed, as its log says."""
+        if row["status"] != "running" or row["id"] in self.procs or row["id"] in self.adopted:
+            return row  # ended, or watched here
+        if row["host"] not in (None, self.host):  # its runner records it, while it reports
+            if row["heartbeat"] is None or time.time() - row["heartbeat"] < RUNNER_TIMEOUT:
+                return row
+            with self._db() as db:
+                db.execute("UPDATE train_jobs SET status = 'failed', error = ?, finished = ? WHERE id = ? "
+                           "AND status = 'running' AND heartbeat < ?",
+                           (f"{RUNNER_LOST}{row['host']} stopped reporting (its replica stopped or the host is "
+                            f"unreachable); the training process may have ended with it", time.time(), row["id"],
+                            time.time() - RUNNER_TIMEOUT))
+                return db.execute("SELECT * FROM train_jobs WHERE id = ?", (row["id"],)).fetchone()
+        if row["pid"] is None:
+            return row  # being launched
+        if _alive(row["pid"], row["out_dir"]):
+            self.adopted.add(row["id"])
+            threading.Thread(target=self._adopt, args=(row["id"], row["pid"], row["out_dir"]), daemon=True).start()
+            return row
+        return self._ended_unwatched(row)
+
+    def _adopt(self, job_id, pid, out_dir):
+        """Watch a job an earlier server on this host started (not our child: polled, not waited)."""
+        while _alive(pid, out_dir):
+            self._report(job_id, pid, out_dir)
+            time.sleep(PROGRESS_EVERY)
+        with self._db() as db:
+            row = db.execute("SELECT * FROM train_jobs WHERE id = ?", (job_id,)).fetchone()
+        if row["status"] == "running":
+            self._ended_unwatched(row)
+        self.adopted.discard(job_id)
+
+    def _ended_unwatched(self, row):
+        """A job of this host whose process is gone and was not our child: its log says how it ended."""
         done = any(r.get("event") == "done" for r in _records(row["out_dir"]))
         status = "cancelled" if row["cancel_requested"] else "succeeded" if done else "failed"
         error = None if status != "failed" else (
-            "the training process ended while the server was not watching it and left no completion record; "
-            "see log_tail")
+            "the training process, started by an earlier server (its exit code cannot be read here), ended and "
+            "left no completion record; see log_tail")
         with self._db() as db:
             db.execute("UPDATE train_jobs SET status = ?, error = ?, finished = ? WHERE id = ? AND status = 'running'",
                        (status, error, time.time(), row["id"]))

@@ -161,7 +161,7 @@ def test_migrations_are_versioned_and_run_once(db_target):
     LUTStore(db), Access(db), Trainer(db)
     with db.connection() as c:
         versions = dict(c.execute("SELECT component, version FROM schema_versions").fetchall())
-    assert versions == {"luts": 1, "access": 1, "trainer": 2}
+    assert versions == {"luts": 1, "access": 1, "trainer": 3}
     LUTStore(db), Access(db), Trainer(db)  # a second start-up (another replica) changes nothing
     with db.connection() as c:
         assert dict(c.execute("SELECT component, version FROM schema_versions").fetchall()) == versions
@@ -223,6 +223,26 @@ def test_training_job_shared_by_two_trainers(db_target, tmp_path, cli_env):
     assert a.get(job["job_id"])["status"] == "cancelled"
     while a.procs:  # the runner records the end before the schema goes
         time.sleep(0.1)
+
+
+def test_a_job_whose_runner_stops_reporting_is_failed_everywhere(db_target, tmp_path):
+    """A replica killed with its runner: other replicas stop showing the job as running once its
+    heartbeat is RUNNER_TIMEOUT old; a runner that reports again puts it back to running."""
+    import trainer
+    here = trainer.Trainer(db_target)
+    now = time.time()
+    with Database(db_target).connection() as c:
+        ids = [c.insert("INSERT INTO train_jobs (status, host, pid, output_dir, out_dir, config, created, heartbeat) "
+                        "VALUES ('running', 'gone-host', 4242, 'out/x', ?, '{}', ?, ?)",
+                        (str(tmp_path / "x"), now - 300, beat)) for beat in (now - trainer.RUNNER_TIMEOUT - 5, now)]
+    lost, alive = (here.get(i) for i in ids)
+    assert lost["status"] == "failed" and lost["error"].startswith("its runner on host gone-host stopped reporting")
+    assert alive["status"] == "running"
+    assert [j["status"] for j in trainer.Trainer(db_target).list()] == ["failed", "running"]  # every replica
+    runner = trainer.Trainer(db_target)
+    runner.host = "gone-host"
+    runner._report(ids[0], 4242, str(tmp_path / "x"))  # it was only cut off: its next report revives the job
+    assert here.get(ids[0])["status"] == "running" and here.get(ids[0])["error"] is None
 
 
 # ---- the database goes away and comes back
