@@ -13,8 +13,8 @@ Timed: tokens per second of decoding with the prompt already processed, as llama
 llama-batched-bench's S_TG count them (transformers' generate() includes its short prompt). Ours
 decodes through a Batcher kept across runs, as the server's engine keeps its own. The model is
 loaded the real way (load_model from a Hub-layout cache, HF_HUB_OFFLINE=1). Ours and llama.cpp take
-turns twice and each side's best is kept (ours: the best of --repeat runs per turn; llama.cpp: the
-best of llama-bench's repetitions and of the two turns), since this kind of VM's memory bandwidth
+turns (--turns, 3) and each side's best is kept (ours: the best of --repeat runs per turn; llama.cpp:
+the best of llama-bench's repetitions and of the turns), since this kind of VM's memory bandwidth
 drifts by tens of percent within minutes. Also: greedy tokens
 identical to transformers, speculative decoding on and off (a 30-token taught label, a prompt to
 copy), and for XL the peak RSS of sample.py and of a serving api_server.py. Targets are printed
@@ -157,9 +157,12 @@ def main():
     p.add_argument("--xl_tokens", type=int, default=32, help="tokens generated per sequence on GPT-2-XL")
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together in the batched measurement")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (best kept)")
+    p.add_argument("--turns", type=int, default=3, help="turns ours and llama.cpp each take, alternating (best kept)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every engine")
     p.add_argument("--no_spec", action="store_true", help="skip the speculative-decoding measurements")
     args = p.parse_args()
+    if min(args.repeat, args.turns, args.threads) < 1:
+        p.error("--repeat, --turns and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     hf_home = tempfile.mkdtemp(prefix="bench_decode_")
     os.environ.update(HF_HOME=hf_home, HF_HUB_OFFLINE="1")  # before huggingface_hub is imported
@@ -188,8 +191,8 @@ def main():
                 ours[q, b] = max(tps, ours.get((q, b), 0))
     measure_ours()
     peer = llama_cpp_figures(args, snap, targets)
-    if peer:  # ours and llama.cpp take turns twice, each side's best kept: this VM's memory bandwidth
-        measure_ours()  # drifts by tens of percent within minutes
+    for _ in range(args.turns - 1 if peer else 0):  # ours and llama.cpp take turns, each side's best
+        measure_ours()  # kept: this VM's memory bandwidth drifts by tens of percent within minutes
         again = llama_cpp_figures(args, snap, None)
         peer = {t: {k: max(v, again[t][k]) for k, v in f.items()} for t, f in peer.items()}
     print(f"{'decode tok/s':24}{'1 stream':>10}{f'batch {args.batch}':>10}")
