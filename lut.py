@@ -605,7 +605,8 @@ class LUTStore:
         return lut
 
     def _load(self, db, lut_name, model):
-        key = (lut_name, str(next(model.parameters()).device))
+        device = next(model.parameters()).device
+        key = (lut_name, str(device))
         with self._lock:
             cached = self._cache.get(key)
         if cached is not None:  # the revalidation: one primary-key lookup
@@ -635,7 +636,7 @@ class LUTStore:
         lut = self._entries_lut(lut_name, model_id, version, model.config.n_embd,
                                 [] if rows[0][3] is None else rows)  # a LUT without entries: one row of NULLs
         lut.observe = self.observe
-        lut = lut.to(next(model.parameters()).device)
+        lut = lut.to(device)
         with self._lock:
             self._cache[key] = lut
             self._cache.move_to_end(key)

@@ -76,7 +76,10 @@ class Trainer:
         self.procs = {}  # job id -> Popen, for the jobs this process started
         self.adopted = set()  # ids of jobs an earlier server on this host started, watched here now
         self.db.migrate("trainer", MIGRATIONS)
-        self.list()  # takes over watching this host's jobs that are still alive
+        with self._db() as db:  # take over watching this host's jobs that are still alive
+            running = db.execute("SELECT * FROM train_jobs WHERE status = 'running'").fetchall()
+        for row in running:
+            self._refresh(row)
 
     def _db(self):
         return self.db.connection()
@@ -236,14 +239,16 @@ class Trainer:
 
     def _adopt(self, job_id, pid, out_dir):
         """Watch a job an earlier server on this host started (not our child: polled, not waited)."""
-        while _alive(pid, out_dir):
-            self._report(job_id, pid, out_dir)
-            time.sleep(PROGRESS_EVERY)
-        with self._db() as db:
-            row = db.execute("SELECT * FROM train_jobs WHERE id = ?", (job_id,)).fetchone()
-        if row["status"] == "running":
-            self._ended_unwatched(row)
-        self.adopted.discard(job_id)
+        try:
+            while _alive(pid, out_dir):
+                self._report(job_id, pid, out_dir)
+                time.sleep(PROGRESS_EVERY)
+            with self._db() as db:
+                row = db.execute("SELECT * FROM train_jobs WHERE id = ?", (job_id,)).fetchone()
+            if row["status"] == "running":
+                self._ended_unwatched(row)
+        finally:  # the database down at the end: the next status request here records it instead
+            self.adopted.discard(job_id)
 
     def _ended_unwatched(self, row):
         """A job of this host whose process is gone and was not our child: its log says how it ended."""
