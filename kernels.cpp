@@ -4,8 +4,10 @@
 //   mm_f32:  x @ W in fp32 for the few rows of a batched decode step, straight from W's (in, out)
 //            layout, so no packed copy of the weights is needed.
 //   attend:  attention of decode steps (and drafts) over the KV cache.
-//   decode_layers: a whole decode step through every block, the ops above plus ATen's LayerNorm
-//            and GELU, in one call from Python (per-op dispatch from Python cost ~2 ms a token).
+//   decode_layers: a whole decode step (or one sequence's drafts, a row each) through every
+//            block in one call from Python (per-op dispatch from Python cost ~2 ms a token): the
+//            matmuls above, with GELU and the residual adds done on each output tile while it
+//            is in cache, LayerNorm by hand, and no allocation per layer.
 // Built by kernels.py with -march=native on the machine that runs it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -50,6 +52,58 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, QRow
       r.s[m * nb + b] = amax / 32767.f;
     }
 }
+
+#if FAST_PATH
+// exp(x) for x <= 0 (softmax after subtracting the maximum, sigmoid): 2^n * e^r with
+// |r| <= ln2 / 2 and a degree-6 polynomial for e^r (relative error ~2e-7); below -87 it is ~0.
+static inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), x);
+  __m512 e = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(e, n);
+}
+#endif
+
+// GELU, tanh form as GPT-2's: 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), computed
+// as x * sigmoid(2u) (the same function; no 1 - e cancellation), in place.
+static void gelu_inplace(float* y, int64_t n) {
+  int64_t i = 0;
+#if FAST_PATH
+  const __m512 c1 = _mm512_set1_ps(2 * 0.7978845608f), c3 = _mm512_set1_ps(2 * 0.7978845608f * 0.044715f);
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(y + i);
+    const __m512 u2 = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_mul_ps(x, x), c3, c1));  // 2u
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(u2)));  // exp(-|2u|)
+    const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    const __mmask16 neg = _mm512_cmp_ps_mask(u2, _mm512_setzero_ps(), _CMP_LT_OQ);
+    _mm512_storeu_ps(y + i, _mm512_mul_ps(x, _mm512_mask_mul_ps(inv, neg, inv, e)));  // sigmoid(2u)
+  }
+#endif
+  for (; i < n; ++i) y[i] = 0.5f * y[i] * (1.f + std::tanh(0.7978845608f * (y[i] + 0.044715f * y[i] * y[i] * y[i])));
+}
+
+// What a matmul does to each output tile right after computing it, while the tile is in cache and
+// on the thread that wrote it: nothing, GELU in place, or add it to a residual stream
+// (res[m, n] += y[m, n]: the bits of x + y).
+struct Epilogue {
+  enum Kind { NONE, GELU, ADD } kind = NONE;
+  float* res = nullptr;  // ADD: (M, N) like y
+  void operator()(float* y, int64_t N, int64_t m0, int64_t m1, int64_t n0, int64_t n1) const {
+    for (int64_t m = m0; m < m1 && kind != NONE; ++m) {
+      float* ym = y + m * N;
+      if (kind == GELU) {
+        gelu_inplace(ym + n0, n1 - n0);
+      } else {
+        float* rm = res + m * N;
+#pragma omp simd
+        for (int64_t n = n0; n < n1; ++n) rm[n] += ym[n];
+      }
+    }
+  }
+};
 
 // acc[i][0:TILE] = x[m0 + i] @ W[:, tile] for MB rows. w: this tile's (Kp/2, TILE, 2) int8, two
 // consecutive inputs of one column side by side, as the VNNI int16 dot product (vpdpwssd) reads them.
@@ -99,48 +153,69 @@ static void int8_tile(const QRows& r, int64_t m0, int64_t Kp, const int8_t* w, f
 #endif
 }
 
-// y (M, N) = (x @ W) * scale + bias. wq: (N/TILE, Kp/2, TILE, 2) int8 round(W / scale).
-torch::Tensor mm_int8(torch::Tensor x, torch::Tensor wq, torch::Tensor scale, c10::optional<torch::Tensor> bias,
-                      int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous fp32 (M, K)");
-  const int64_t M = x.size(0), K = x.size(1), Kp = wq.size(1) * 2;
-  TORCH_CHECK(K <= Kp && Kp % BLOCK == 0 && wq.size(0) * TILE >= N, "x and the packed weight disagree in shape");
+// y (M, N) = (x @ W) * scale + bias, then ep. wq: (N/TILE, Kp/2, TILE, 2) int8 round(W / scale).
+static void int8_linear(const float* x, int64_t M, int64_t K, const int8_t* wq, int64_t tiles, int64_t Kp,
+                        const float* scale, const float* bias, int64_t N, float* y, const Epilogue& ep) {
   QRows r;
-  quantize_rows(x.data_ptr<float>(), M, K, Kp, r);
-  auto y = torch::empty({M, N}, x.options());
-  const int8_t* wp = wq.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, wq.size(0), 1, [&](int64_t t0, int64_t t1) {
+  quantize_rows(x, M, K, Kp, r);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     float acc[4 * TILE];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * TILE, nn = std::min<int64_t>(TILE, N - n0);
       for (int64_t m = 0; m < M;) {
         const int mb = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-        if (mb == 4) int8_tile<4>(r, m, Kp, wp + t * Kp * TILE, acc);
-        else if (mb == 2) int8_tile<2>(r, m, Kp, wp + t * Kp * TILE, acc);
-        else int8_tile<1>(r, m, Kp, wp + t * Kp * TILE, acc);
+        if (mb == 4) int8_tile<4>(r, m, Kp, wq + t * Kp * TILE, acc);
+        else if (mb == 2) int8_tile<2>(r, m, Kp, wq + t * Kp * TILE, acc);
+        else int8_tile<1>(r, m, Kp, wq + t * Kp * TILE, acc);
         for (int i = 0; i < mb; ++i)
           for (int64_t n = 0; n < nn; ++n)
-            yp[(m + i) * N + n0 + n] = acc[i * TILE + n] * sp[n0 + n] + (bp ? bp[n0 + n] : 0.f);
+            y[(m + i) * N + n0 + n] = acc[i * TILE + n] * scale[n0 + n] + (bias ? bias[n0 + n] : 0.f);
         m += mb;
       }
+      ep(y, N, 0, M, n0, n0 + nn);
     }
   });
+}
+
+torch::Tensor mm_int8(torch::Tensor x, torch::Tensor wq, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                      int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous fp32 (M, K)");
+  const int64_t M = x.size(0), K = x.size(1), Kp = wq.size(1) * 2;
+  TORCH_CHECK(K <= Kp && Kp % BLOCK == 0 && wq.size(0) * TILE >= N, "x and the packed weight disagree in shape");
+  auto y = torch::empty({M, N}, x.options());
+  int8_linear(x.data_ptr<float>(), M, K, wq.data_ptr<int8_t>(), wq.size(0), Kp, scale.data_ptr<float>(),
+              bias ? bias->data_ptr<float>() : nullptr, N, y.data_ptr<float>(), Epilogue{});
   return y;
 }
 
 #if FAST_PATH
-// y[i, 0:TILE] = x[i] @ w[:, 0:TILE] * 1 + bias for MB rows; w row-major (K, N).
-template <int MB>
-static void f32_tile(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y) {
+// Lane masks for a tile whose first `cols` columns exist: the last tile of an N that is no
+// multiple of the tile width is read and written through them (a masked load never faults).
+// Whole tiles load without masks (MASKED = false): masked loads in the inner loop cost ~5%.
+template <int V>
+static inline void tile_masks(int64_t cols, __mmask16* mk) {
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = cols - 16 * v;
+    mk[v] = c >= 16 ? (__mmask16)0xFFFF : c <= 0 ? (__mmask16)0 : (__mmask16)((1u << c) - 1);
+  }
+}
+
+template <bool MASKED>
+static inline __m512 load_lanes(__mmask16 mk, const float* p) {
+  return MASKED ? _mm512_maskz_loadu_ps(mk, p) : _mm512_loadu_ps(p);
+}
+
+// y[i, 0:cols] = x[i] @ w[:, 0:cols] + b for MB rows, cols <= TILE; w row-major (K, N).
+template <int MB, bool MASKED>
+static void f32_tile(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y, int64_t cols) {
+  __mmask16 mk[4];
+  tile_masks<4>(cols, mk);
   __m512 acc[MB][4];
   for (int i = 0; i < MB; ++i)
     for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     __m512 wv[4];
-    for (int v = 0; v < 4; ++v) wv[v] = _mm512_loadu_ps(w + k * N + 16 * v);
+    for (int v = 0; v < 4; ++v) wv[v] = load_lanes<MASKED>(mk[v], w + k * N + 16 * v);
     for (int i = 0; i < MB; ++i) {
       const __m512 xv = _mm512_set1_ps(x[i * K + k]);
       for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(xv, wv[v], acc[i][v]);
@@ -148,20 +223,27 @@ static void f32_tile(const float* x, int64_t K, const float* w, int64_t N, const
   }
   for (int i = 0; i < MB; ++i)
     for (int v = 0; v < 4; ++v)
-      _mm512_storeu_ps(y + i * N + 16 * v, b ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(b + 16 * v)) : acc[i][v]);
+      _mm512_mask_storeu_ps(y + i * N + 16 * v, mk[v],
+                            b ? _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(mk[v], b + 16 * v)) : acc[i][v]);
 }
 
 // Eight rows (a batch's decode step) over 48 columns: 24 accumulators, so w is read from memory
-// once for all eight rows (two passes of f32_tile<4> read it twice), +5-20%.
+// once for all eight rows (two passes of f32_tile<4> read it twice), +5-20%. Each row of w is a
+// new page for the hardware prefetcher, so rows are prefetched 16 ahead (Xeon: 1.7x faster).
 constexpr int TILE8 = 48;
-static void f32_tile8(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y) {
+template <bool MASKED>
+static void f32_tile8(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y, int64_t cols) {
   constexpr int V = TILE8 / 16;
+  __mmask16 mk[V];
+  tile_masks<V>(cols, mk);
   __m512 acc[8][V];
   for (int i = 0; i < 8; ++i)
     for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
+    const char* ahead = (const char*)(w + (k + 16) * N);  // past the end near K: prefetch never faults
+    for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + std::min(64 * line, TILE8 * 4 - 1), _MM_HINT_T0);
     __m512 wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(w + k * N + 16 * v);
+    for (int v = 0; v < V; ++v) wv[v] = load_lanes<MASKED>(mk[v], w + k * N + 16 * v);
     for (int i = 0; i < 8; ++i) {
       const __m512 xv = _mm512_set1_ps(x[i * K + k]);
       for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(xv, wv[v], acc[i][v]);
@@ -169,13 +251,18 @@ static void f32_tile8(const float* x, int64_t K, const float* w, int64_t N, cons
   }
   for (int i = 0; i < 8; ++i)
     for (int v = 0; v < V; ++v)
-      _mm512_storeu_ps(y + i * N + 16 * v, b ? _mm512_add_ps(acc[i][v], _mm512_loadu_ps(b + 16 * v)) : acc[i][v]);
+      _mm512_mask_storeu_ps(y + i * N + 16 * v, mk[v],
+                            b ? _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(mk[v], b + 16 * v)) : acc[i][v]);
 }
 
-// One row (a single stream's decode step) over two tiles at once: longer runs of each weight row
-// and a prefetch 8 rows ahead keep more of memory's bandwidth busy (+5-10% over f32_tile<1>).
-static void f32_row_wide(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y) {
-  constexpr int V = 2 * TILE / 16;
+// One row (a single stream's decode step) over 128 columns: longer runs of each weight row and a
+// prefetch 8 rows ahead keep more of memory's bandwidth busy (+5-10% over f32_tile<1>).
+constexpr int WIDE = 2 * TILE;
+template <bool MASKED>
+static void f32_row_wide(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y, int64_t cols) {
+  constexpr int V = WIDE / 16;
+  __mmask16 mk[V];
+  tile_masks<V>(cols, mk);
   __m512 acc[2][V];
   for (int u = 0; u < 2; ++u)
     for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
@@ -185,16 +272,62 @@ static void f32_row_wide(const float* x, int64_t K, const float* w, int64_t N, c
     _mm_prefetch((const char*)(w + (k + 8) * N + 64), _MM_HINT_T0);
     for (int u = 0; u < 2; ++u) {
       const __m512 xv = _mm512_set1_ps(x[k + u]);
-      for (int v = 0; v < V; ++v) acc[u][v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + (k + u) * N + 16 * v), acc[u][v]);
+      for (int v = 0; v < V; ++v)
+        acc[u][v] = _mm512_fmadd_ps(xv, load_lanes<MASKED>(mk[v], w + (k + u) * N + 16 * v), acc[u][v]);
     }
   }
   for (; k < K; ++k) {
     const __m512 xv = _mm512_set1_ps(x[k]);
-    for (int v = 0; v < V; ++v) acc[0][v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + k * N + 16 * v), acc[0][v]);
+    for (int v = 0; v < V; ++v)
+      acc[0][v] = _mm512_fmadd_ps(xv, load_lanes<MASKED>(mk[v], w + k * N + 16 * v), acc[0][v]);
   }
   for (int v = 0; v < V; ++v) {
     const __m512 sum = _mm512_add_ps(acc[0][v], acc[1][v]);
-    _mm512_storeu_ps(y + 16 * v, b ? _mm512_add_ps(sum, _mm512_loadu_ps(b + 16 * v)) : sum);
+    _mm512_mask_storeu_ps(y + 16 * v, mk[v], b ? _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mk[v], b + 16 * v)) : sum);
+  }
+}
+
+// y (M, N) = x @ w + b, then ep; w (K, N) fp32 as stored. Rows 8 at a time over 48-column tiles,
+// then the rest: a single row over 128-column tiles, or 4, 2 and 1 rows over 64-column ones. The
+// threads split the tiles (columns), so each weight is read by one thread, once.
+static void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
+                       const Epilogue& ep) {
+  const int64_t M8 = M / 8 * 8;
+  if (M8) {
+    at::parallel_for(0, (N + TILE8 - 1) / TILE8, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t n = t0 * TILE8; n < std::min(N, t1 * TILE8); n += TILE8) {
+        const int64_t cols = std::min<int64_t>(TILE8, N - n);
+        for (int64_t m = 0; m < M8; m += 8)
+          (cols == TILE8 ? f32_tile8<false> : f32_tile8<true>)(x + m * K, K, w + n, N, b ? b + n : nullptr,
+                                                               y + m * N + n, cols);
+        ep(y, N, 0, M8, n, n + cols);
+      }
+    });
+  }
+  if (M - M8 == 1) {
+    at::parallel_for(0, (N + WIDE - 1) / WIDE, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t n = t0 * WIDE; n < std::min(N, t1 * WIDE); n += WIDE) {
+        const int64_t cols = std::min<int64_t>(WIDE, N - n);
+        (cols == WIDE ? f32_row_wide<false> : f32_row_wide<true>)(x + M8 * K, K, w + n, N, b ? b + n : nullptr,
+                                                                  y + M8 * N + n, cols);
+        ep(y, N, M8, M, n, n + cols);
+      }
+    });
+  } else if (M - M8 > 1) {
+    at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t n = t0 * TILE; n < std::min(N, t1 * TILE); n += TILE) {
+        const int64_t cols = std::min<int64_t>(TILE, N - n);
+        const bool whole = cols == TILE;
+        auto rows_at = [&](auto tile, int64_t m) {
+          tile(x + m * K, K, w + n, N, b ? b + n : nullptr, y + m * N + n, cols);
+        };
+        int64_t m = M8;
+        for (; m + 4 <= M; m += 4) rows_at(whole ? f32_tile<4, false> : f32_tile<4, true>, m);
+        for (; m + 2 <= M; m += 2) rows_at(whole ? f32_tile<2, false> : f32_tile<2, true>, m);
+        for (; m < M; ++m) rows_at(whole ? f32_tile<1, false> : f32_tile<1, true>, m);
+        ep(y, N, M8, M, n, n + cols);
+      }
+    });
   }
 }
 #endif
@@ -203,61 +336,15 @@ static void f32_row_wide(const float* x, int64_t K, const float* w, int64_t N, c
 torch::Tensor mm_f32(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(FAST_PATH, "mm_f32 needs AVX-512; use addmm");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(0), "shapes");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(1), tiles = N / TILE;
-  auto y = torch::empty({M, N}, x.options());
+  auto y = torch::empty({x.size(0), w.size(1)}, x.options());
 #if FAST_PATH
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  // rows 8 at a time (48-column tiles), then the rest: one row over pairs of 64-column tiles, or
-  // 4, 2 and 1 rows over 64-column tiles
-  const int64_t M8 = M / 8 * 8, tiles8 = N / TILE8, wide = M - M8 == 1 ? tiles / 2 : 0;
-  if (M8)
-    at::parallel_for(0, tiles8, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t m = 0; m < M8; m += 8)
-          f32_tile8(xp + m * K, K, wp + t * TILE8, N, bp ? bp + t * TILE8 : nullptr, yp + m * N + t * TILE8);
-    });
-  if (M8 < M) {
-    const float* xr = xp + M8 * K;
-    float* yr = yp + M8 * N;
-    at::parallel_for(0, wide, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        f32_row_wide(xr, K, wp + 2 * TILE * t, N, bp ? bp + 2 * TILE * t : nullptr, yr + 2 * TILE * t);
-    });
-    at::parallel_for(2 * wide, tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t * TILE;
-        int64_t m = M8;
-        for (; m + 4 <= M; m += 4) f32_tile<4>(xp + m * K, K, wp + n, N, bp ? bp + n : nullptr, yp + m * N + n);
-        for (; m + 2 <= M; m += 2) f32_tile<2>(xp + m * K, K, wp + n, N, bp ? bp + n : nullptr, yp + m * N + n);
-        for (; m < M; ++m) f32_tile<1>(xp + m * K, K, wp + n, N, bp ? bp + n : nullptr, yp + m * N + n);
-      }
-    });
-  }
-  for (int64_t m = 0; m < M; ++m)  // columns past the last whole tile
-    for (int64_t n = m < M8 ? tiles8 * TILE8 : tiles * TILE; n < N; ++n) {
-      float acc = bp ? bp[n] : 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += xp[m * K + k] * wp[k * N + n];
-      yp[m * N + n] = acc;
-    }
+  f32_linear(x.data_ptr<float>(), x.size(0), x.size(1), w.data_ptr<float>(), w.size(1),
+             bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), Epilogue{});
 #endif
   return y;
 }
 
 #if FAST_PATH
-// exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n * e^r with |r| <= ln2 / 2 and
-// e^r to degree 6 (relative error ~1e-7). glibc's scalar expf was half of attend's time at batch 8.
-static inline __m512 exp_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), x);
-  __m512 e = _mm512_set1_ps(1.f / 720);
-  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(e, n);
-}
-
 // One query of head size 64 over L cached positions (rows st floats apart); p: L + 16 floats of room.
 static void attend_row64(const float* q, const float* k, const float* v, int64_t st, int64_t L, float scale,
                          float* p, float* y) {
@@ -292,30 +379,24 @@ static void attend_row64(const float* q, const float* k, const float* v, int64_t
 // Decoding attention: query j of row b sees that row's first lengths[b] + j cached positions:
 // y[b, h, j] = softmax(q[b, h, j] . K[0:L] / sqrt(hs)) @ V[0:L]. One query per row in a decode
 // step; a few when drafts are verified, each computed exactly as its own decode step would be.
-// k, v: the KV cache (B, nh, T_cap, hs); slots past a row's length are never read (they may hold
-// anything). torch's fused CPU attention takes ~2 ms a call for one query, its bmm path ~70 us.
-torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.stride(3) == 1 && v.stride(3) == 1 &&
-              k.strides() == v.strides() && lengths.scalar_type() == torch::kLong, "attend: bad arguments");
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  auto qc = q.contiguous();
-  auto y = torch::empty_like(qc);
-  const float* qp = qc.data_ptr<float>();
+// q: row b's (H, T, D) queries at q + b * q_row; y: (B, H, T, D) contiguous. k, v: the KV cache
+// (B, nh, T_cap, hs); slots past a row's length are never read (they may hold anything).
+// torch's fused CPU attention takes ~2 ms a call for one query, its bmm path ~70 us.
+static void attend_rows(const float* q, int64_t q_row, const torch::Tensor& k, const torch::Tensor& v,
+                        const int64_t* lengths, int64_t B, int64_t H, int64_t T, int64_t D, float* y) {
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const int64_t* lp = lengths.data_ptr<int64_t>();
-  float* yp = y.data_ptr<float>();
   const int64_t sb = k.stride(0), sh = k.stride(1), st = k.stride(2);
   const float scale = 1.f / std::sqrt((float)D);
   at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * T), h = (i / T) % H, L = lp[b] + i % T;
-      const float* qi = qp + i * D;
+      const int64_t b = i / (H * T), h = (i / T) % H, L = lengths[b] + i % T;
+      const float* qi = q + b * q_row + (i % (H * T)) * D;
       const float* ki = kp + b * sb + h * sh;
       const float* vi = vp + b * sb + h * sh;
       p.resize(L + 16);
-      float* yi = yp + i * D;
+      float* yi = y + i * D;
 #if FAST_PATH
       if (D == 64) {
         attend_row64(qi, ki, vi, st, L, scale, p.data(), yi);
@@ -340,50 +421,95 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
       }
     }
   });
+}
+
+// q (B, nh, T, hs); k, v the cache (B, nh, T_cap, hs) -> (B, nh, T, hs).
+torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.stride(3) == 1 && v.stride(3) == 1 &&
+              k.strides() == v.strides() && lengths.scalar_type() == torch::kLong, "attend: bad arguments");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  auto qc = q.contiguous();
+  auto y = torch::empty_like(qc);
+  attend_rows(qc.data_ptr<float>(), H * T * D, k, v, lengths.data_ptr<int64_t>(), B, H, T, D, y.data_ptr<float>());
   return y;
 }
 
-// x @ W + b for one of the blocks' linears: fp32 (K, N) weights, or int8 packed with a scale per
-// column. An empty bias tensor means none.
-static torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                                  const torch::Tensor& b) {
-  c10::optional<torch::Tensor> bias;
-  if (b.numel()) bias = b;
-  if (w.scalar_type() == torch::kChar) return mm_int8(x, w, scale, bias, scale.size(0));
-  return mm_f32(x, w, bias);
+// LayerNorm of each row as torch's (biased variance): y = (x - mean) / sqrt(var + eps) * w + b.
+static void layer_norm_rows(const float* x, int64_t M, int64_t C, const float* w, const float* b, float eps,
+                            float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * C;
+    float* ym = y + m * C;
+    float sum = 0.f, sq = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < C; ++c) sum += xm[c];
+    const float mean = sum / C;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t c = 0; c < C; ++c) sq += (xm[c] - mean) * (xm[c] - mean);
+    const float rstd = 1.f / std::sqrt(sq / C + eps);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) ym[c] = (xm[c] - mean) * rstd * (w ? w[c] : 1.f) + (b ? b[c] : 0.f);
+  }
+}
+
+static const float* data_or_null(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+// y (M, N) = x (M, K) @ W + b, then ep, for one of the blocks' linears: fp32 (K, N) weights, or
+// int8 packed with a scale per column. An empty bias tensor means none.
+static void block_linear(const float* x, int64_t M, int64_t K, const torch::Tensor& w, const torch::Tensor& scale,
+                         const torch::Tensor& b, float* y, const Epilogue& ep = Epilogue{}) {
+  if (w.scalar_type() == torch::kChar) {
+    int8_linear(x, M, K, w.data_ptr<int8_t>(), w.size(0), w.size(1) * 2, scale.data_ptr<float>(), data_or_null(b),
+                scale.size(0), y, ep);
+    return;
+  }
+  TORCH_CHECK(FAST_PATH && w.size(0) == K && w.is_contiguous(), "decode_layers: fp32 needs AVX-512 and (K, N) weights");
+#if FAST_PATH
+  f32_linear(x, M, K, w.data_ptr<float>(), w.size(1), data_or_null(b), y, ep);
+#endif
 }
 
 // One decode step (a new token per row) through every block; x (B, C) is the embedded input.
 // params: 16 tensors per layer: ln_1 weight, bias; c_attn; attn.c_proj; ln_2 weight, bias; c_fc;
 // mlp.c_proj, each linear as weight (fp32 (in, out), or int8 packed), scale (int8 only, else
-// empty), bias (empty when none). k[l], v[l]: the layer's cache (B, nh, T_cap, hs); row b's new key and value
-// go to position pos[b], and its query sees positions 0..pos[b]. Exactly the ops of Block.forward.
+// empty), bias (empty when none); an empty LayerNorm weight or bias means none. k[l], v[l]: the
+// layer's cache (B, nh, T_cap, hs); row b's new key and value go to position pos[b], and its query
+// sees positions 0..pos[b]. The ops of Block.forward, with the same matmul kernels; LayerNorm and
+// GELU are written here, so results agree with it to float rounding, not bit for bit.
 torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> params, std::vector<torch::Tensor> k,
                             std::vector<torch::Tensor> v, torch::Tensor pos, int64_t n_head, double eps) {
   const int64_t B = x.size(0), C = x.size(1), hs = C / n_head, L = k.size();
   TORCH_CHECK(params.size() == 16 * (size_t)L && v.size() == (size_t)L && pos.numel() == B &&
-              pos.scalar_type() == torch::kLong, "decode_layers: bad arguments");
-  const auto lengths = pos + 1;
+              pos.scalar_type() == torch::kLong && x.scalar_type() == torch::kFloat, "decode_layers: bad arguments");
   const int64_t* pp = pos.data_ptr<int64_t>();
-  auto opt = [](const torch::Tensor& t) { return t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt; };
+  std::vector<int64_t> lengths(pp, pp + B);
+  for (auto& n : lengths) ++n;
+  auto out = x.contiguous().clone();  // the residual stream, updated in place layer by layer
+  auto scratch = torch::empty({B, 10 * C}, x.options());
+  float* xs = out.data_ptr<float>();
+  float* h = scratch.data_ptr<float>();  // LayerNorm output (B, C)
+  float* qkv = h + B * C;                // (B, 3C)
+  float* att = qkv + B * 3 * C;          // attention output (B, C)
+  float* fc = att + B * C;               // MLP hidden (B, 4C)
+  float* proj = fc + B * 4 * C;          // a projection before it joins the residual (B, C)
+  const Epilogue add{Epilogue::ADD, xs}, gelu{Epilogue::GELU};
   for (int64_t l = 0; l < L; ++l) {
     const torch::Tensor* p = params.data() + 16 * l;
-    auto h = at::layer_norm(x, {C}, opt(p[0]), opt(p[1]), eps);
-    auto qkv = block_linear(h, p[2], p[3], p[4]);  // (B, 3C)
-    const float* src = qkv.data_ptr<float>();
+    layer_norm_rows(xs, B, C, data_or_null(p[0]), data_or_null(p[1]), (float)eps, h);
+    block_linear(h, B, C, p[2], p[3], p[4], qkv);
     float* kp = k[l].data_ptr<float>();
     float* vp = v[l].data_ptr<float>();
     const int64_t sb = k[l].stride(0), sh = k[l].stride(1), st = k[l].stride(2);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < n_head; ++i) {
-        std::memcpy(kp + b * sb + i * sh + pp[b] * st, src + b * 3 * C + C + i * hs, hs * sizeof(float));
-        std::memcpy(vp + b * sb + i * sh + pp[b] * st, src + b * 3 * C + 2 * C + i * hs, hs * sizeof(float));
+        std::memcpy(kp + b * sb + i * sh + pp[b] * st, qkv + b * 3 * C + C + i * hs, hs * sizeof(float));
+        std::memcpy(vp + b * sb + i * sh + pp[b] * st, qkv + b * 3 * C + 2 * C + i * hs, hs * sizeof(float));
       }
-    auto q = qkv.narrow(1, 0, C).reshape({B, n_head, 1, hs});
-    auto y = attend(q, k[l], v[l], lengths).view({B, C});
-    x = x + block_linear(y, p[5], p[6], p[7]);
-    h = at::layer_norm(x, {C}, opt(p[8]), opt(p[9]), eps);
-    x = x + block_linear(at::gelu(block_linear(h, p[10], p[11], p[12]), "tanh"), p[13], p[14], p[15]);
+    attend_rows(qkv, 3 * C, k[l], v[l], lengths.data(), B, n_head, 1, hs, att);
+    block_linear(att, B, C, p[5], p[6], p[7], proj, add);  // x += attn
+    layer_norm_rows(xs, B, C, data_or_null(p[8]), data_or_null(p[9]), (float)eps, h);
+    block_linear(h, B, C, p[10], p[11], p[12], fc, gelu);
+    block_linear(fc, B, 4 * C, p[13], p[14], p[15], proj, add);  // x += mlp
   }
-  return x;
+  return out;
 }

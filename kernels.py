@@ -13,7 +13,8 @@ and the machine's g++ (-march=native; about 30 s once, then loaded from ~/.cache
 - decoding attention (one query per row and head, or a few drafts) over the KV cache, reading
   each row's own length only: torch's fused CPU attention spends ~2 ms a call on one query, its bmm path ~70 us.
 - decode_layers(): a whole decode step through every block in one call, the same operations as
-  Block.forward (bit-identical), without ~30 Python-dispatched ops per layer (~2 ms a token at 124M).
+  Block.forward (equal to float rounding: its own LayerNorm and GELU), without ~30
+  Python-dispatched ops per layer (~2 ms a token at 124M).
 Where the kernels cannot be built (no compiler), fp32 falls back to torch's ops and int8 is refused.
 """
 import functools
@@ -97,12 +98,17 @@ def linear_f32(x, w, bias):
 
 
 def decode_layers(x, params, cache, positions, config):
-    """A decode step through every block in one call: x (B, 1, C) embedded tokens, params from
-    GPT._decode_params (None = no such tensor), cache the per-layer (k, v), positions (B, 1) where
-    each row's token goes. Returns the residual stream after the last block, (B, 1, C)."""
-    B, _, C = x.shape
+    """A cached pass through every block in one call. x (B, 1, C): a decode step, one token per row;
+    or (1, T, C): one sequence's next T tokens (drafts to verify), each run as a row of its own
+    that writes and reads that sequence's cache (a stride-0 view), so token j sees the cache and
+    tokens 0..j, exactly as its own decode step would. params from GPT._decode_params (None = no
+    such tensor), cache the per-layer (k, v), positions (B, 1) or (1, T): where each token goes.
+    Returns the residual stream after the last block, shaped as x."""
+    B, T, C = x.shape
+    if T > 1:
+        cache = [(k.expand(T, -1, -1, -1), v.expand(T, -1, -1, -1)) for k, v in cache]
     none = torch.empty(0)
-    out = ops().decode_layers(x.reshape(B, C).contiguous(), [none if p is None else p for p in params],
-                              [k for k, _ in cache], [v for _, v in cache], positions.reshape(B).contiguous(),
+    out = ops().decode_layers(x.reshape(B * T, C).contiguous(), [none if p is None else p for p in params],
+                              [k for k, _ in cache], [v for _, v in cache], positions.reshape(B * T).contiguous(),
                               config.n_head, config.layer_norm_epsilon)
-    return out.view(B, 1, C)
+    return out.view(B, T, C)

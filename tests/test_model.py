@@ -35,6 +35,29 @@ def test_greedy_generation_matches_transformers(hf_tiny, tiny):
     assert ours[0].out_ids == ref
 
 
+def test_fp32_weights_are_copied_into_huge_pages_and_the_file_given_back(hf_tiny, tiny):
+    """load_model on the CPU in fp32 copies the mapped file's weights into anonymous memory advised
+    for transparent huge pages (faster decoding), keeping the values and the wte / lm_head tie."""
+    model, _ = tiny
+    mapped = GPT.from_pretrained("gpt2").eval()  # views of the file, not moved
+    for (name, a), (_, b) in zip(model.state_dict().items(), mapped.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert model.lm_head.weight is model.transformer.wte.weight
+    if not os.path.exists("/sys/kernel/mm/transparent_hugepage"):
+        pytest.skip("no transparent huge pages in this kernel to check for")
+    where = model.transformer.wte.weight.data_ptr()
+    with open("/proc/self/smaps") as f:
+        maps = f.read().split("\n")
+    for i, line in enumerate(maps):
+        fields = line.split()
+        if "-" in fields[0] and int(fields[0].split("-")[0], 16) <= where < int(fields[0].split("-")[1], 16):
+            assert len(fields) < 6  # anonymous: no file path, so not the safetensors file any more
+            flags = next(m for m in maps[i:] if m.startswith("VmFlags:")).split()
+            assert "hg" in flags  # madvise(MADV_HUGEPAGE)
+            return
+    pytest.fail("wte's memory is in no mapping of /proc/self/smaps")
+
+
 def test_missing_weights_offline_is_a_clear_error(hf_tiny):
     with pytest.raises(ModelLoadError, match=r"openai-community/gpt2-large/model.safetensors.*HF_HOME"):
         GPT.from_pretrained("gpt2-large")
@@ -80,13 +103,18 @@ def test_unknown_and_missing_init_from():
 
 def test_few_row_linear_kernel_matches_addmm_and_training_keeps_autograd():
     torch.manual_seed(0)
-    layer = Conv1D(96, 200).eval()  # 200 columns: three whole tiles of 64 and a ragged rest
-    torch.nn.init.normal_(layer.weight, std=0.02)
-    torch.nn.init.normal_(layer.bias, std=0.02)
-    for rows in (1, 3, 8, 16, 40):  # up to 16 rows the kernel, longer prompts addmm
-        x = torch.randn(rows, 1, 96)
-        with torch.no_grad():
-            torch.testing.assert_close(layer(x), torch.addmm(layer.bias, x.view(rows, 96), layer.weight).view(rows, 1, 200))
+    # 200 columns: whole tiles and a ragged rest (read through lane masks); 40: less than one tile
+    for n_out, bias in ((200, True), (40, True), (200, False)):
+        layer = Conv1D(96, n_out, bias=bias).eval()
+        torch.nn.init.normal_(layer.weight, std=0.02)
+        if bias:
+            torch.nn.init.normal_(layer.bias, std=0.02)
+        ref = (lambda x: torch.addmm(layer.bias, x, layer.weight)) if bias else (lambda x: x @ layer.weight)
+        for rows in (1, 2, 3, 5, 8, 9, 11, 16, 40):  # each row path of the kernel and mixes; past 16 addmm
+            x = torch.randn(rows, 1, 96)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), ref(x.view(rows, 96)).view(rows, 1, n_out))
+    layer = Conv1D(96, 200)
     x = torch.randn(8, 1, 96)
     layer(x).sum().backward()  # training: autograd through addmm
     assert layer.weight.grad is not None
