@@ -205,51 +205,32 @@ static inline __m512 load_lanes(__mmask16 mk, const float* p) {
   return MASKED ? _mm512_maskz_loadu_ps(mk, p) : _mm512_loadu_ps(p);
 }
 
-// y[i, 0:cols] = x[i] @ w[:, 0:cols] + b for MB rows, cols <= TILE; w row-major (K, N).
-template <int MB, bool MASKED>
-static void f32_tile(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y, int64_t cols) {
-  __mmask16 mk[4];
-  tile_masks<4>(cols, mk);
-  __m512 acc[MB][4];
-  for (int i = 0; i < MB; ++i)
-    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[4];
-    for (int v = 0; v < 4; ++v) wv[v] = load_lanes<MASKED>(mk[v], w + k * N + 16 * v);
-    for (int i = 0; i < MB; ++i) {
-      const __m512 xv = _mm512_set1_ps(x[i * K + k]);
-      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(xv, wv[v], acc[i][v]);
-    }
-  }
-  for (int i = 0; i < MB; ++i)
-    for (int v = 0; v < 4; ++v)
-      _mm512_mask_storeu_ps(y + i * N + 16 * v, mk[v],
-                            b ? _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(mk[v], b + 16 * v)) : acc[i][v]);
-}
-
-// Eight rows (a batch's decode step) over 48 columns: 24 accumulators, so w is read from memory
-// once for all eight rows (two passes of f32_tile<4> read it twice), +5-20%. Each row of w is a
-// new page for the hardware prefetcher, so rows are prefetched 16 ahead (Xeon: 1.7x faster).
+// y[i, 0:cols] = x[i] @ w[:, 0:cols] + b for MB rows over V vectors of 16 columns, cols <= 16 V;
+// w row-major (K, N). 1, 2 or 4 rows use 64 columns; eight rows (a batch's decode step) use 48
+// (24 accumulators), so w is read from memory once for all eight (two passes of f32_tile<4> read
+// it twice), +5-20%. There each row of w is a new page to the hardware prefetcher, so rows are
+// prefetched 16 ahead (Xeon: 1.7x faster).
 constexpr int TILE8 = 48;
-template <bool MASKED>
-static void f32_tile8(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y, int64_t cols) {
-  constexpr int V = TILE8 / 16;
+template <int MB, int V, bool MASKED>
+static void f32_tile(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y, int64_t cols) {
   __mmask16 mk[V];
   tile_masks<V>(cols, mk);
-  __m512 acc[8][V];
-  for (int i = 0; i < 8; ++i)
+  __m512 acc[MB][V];
+  for (int i = 0; i < MB; ++i)
     for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const char* ahead = (const char*)(w + (k + 16) * N);  // past the end near K: prefetch never faults
-    for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + std::min(64 * line, TILE8 * 4 - 1), _MM_HINT_T0);
+    if (MB == 8) {
+      const char* ahead = (const char*)(w + (k + 16) * N);  // past the end near K: prefetch never faults
+      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + std::min(64 * line, 64 * V - 1), _MM_HINT_T0);
+    }
     __m512 wv[V];
     for (int v = 0; v < V; ++v) wv[v] = load_lanes<MASKED>(mk[v], w + k * N + 16 * v);
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < MB; ++i) {
       const __m512 xv = _mm512_set1_ps(x[i * K + k]);
       for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(xv, wv[v], acc[i][v]);
     }
   }
-  for (int i = 0; i < 8; ++i)
+  for (int i = 0; i < MB; ++i)
     for (int v = 0; v < V; ++v)
       _mm512_mask_storeu_ps(y + i * N + 16 * v, mk[v],
                             b ? _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(mk[v], b + 16 * v)) : acc[i][v]);
@@ -297,9 +278,8 @@ static void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int
     at::parallel_for(0, (N + TILE8 - 1) / TILE8, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t n = t0 * TILE8; n < std::min(N, t1 * TILE8); n += TILE8) {
         const int64_t cols = std::min<int64_t>(TILE8, N - n);
-        for (int64_t m = 0; m < M8; m += 8)
-          (cols == TILE8 ? f32_tile8<false> : f32_tile8<true>)(x + m * K, K, w + n, N, b ? b + n : nullptr,
-                                                               y + m * N + n, cols);
+        const auto tile = cols == TILE8 ? f32_tile<8, TILE8 / 16, false> : f32_tile<8, TILE8 / 16, true>;
+        for (int64_t m = 0; m < M8; m += 8) tile(x + m * K, K, w + n, N, b ? b + n : nullptr, y + m * N + n, cols);
         ep(y, N, 0, M8, n, n + cols);
       }
     });
@@ -322,9 +302,9 @@ static void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int
           tile(x + m * K, K, w + n, N, b ? b + n : nullptr, y + m * N + n, cols);
         };
         int64_t m = M8;
-        for (; m + 4 <= M; m += 4) rows_at(whole ? f32_tile<4, false> : f32_tile<4, true>, m);
-        for (; m + 2 <= M; m += 2) rows_at(whole ? f32_tile<2, false> : f32_tile<2, true>, m);
-        for (; m < M; ++m) rows_at(whole ? f32_tile<1, false> : f32_tile<1, true>, m);
+        for (; m + 4 <= M; m += 4) rows_at(whole ? f32_tile<4, TILE / 16, false> : f32_tile<4, TILE / 16, true>, m);
+        for (; m + 2 <= M; m += 2) rows_at(whole ? f32_tile<2, TILE / 16, false> : f32_tile<2, TILE / 16, true>, m);
+        for (; m < M; ++m) rows_at(whole ? f32_tile<1, TILE / 16, false> : f32_tile<1, TILE / 16, true>, m);
         ep(y, N, M8, M, n, n + cols);
       }
     });
