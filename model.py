@@ -235,6 +235,7 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.source = "scratch"  # where the weights came from, for status pages and LUT ownership
         self.quantized = None  # "int8" after quantize_int8()
+        self._fingerprint = None  # pinned by pin_fingerprint() before the weights are cast or quantized
         self._decode_param_list = None  # built on first use; quantize_int8() swaps weights and clears it
 
     def _init_weights(self, module):
@@ -350,7 +351,7 @@ class GPT(nn.Module):
         if kernels.ops() is None:
             raise ModelLoadError("--quantize int8 needs its CPU kernel, which could not be built here "
                                  "(a C++ compiler, g++, is required; see the log)")
-        self._fingerprint = self.fingerprint()
+        self.pin_fingerprint()
         self.requires_grad_(False)
         for block in self.transformer.h:
             for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
@@ -364,13 +365,20 @@ class GPT(nn.Module):
 
     def fingerprint(self):
         """Short id of this exact set of weights: a LUT trained on one model is refused by another."""
-        if self.quantized:
+        if self._fingerprint:
             return self._fingerprint
         h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
         for t in (self.transformer.wte.weight[:64], self.transformer.ln_f.weight,
                   self.transformer.h[-1].mlp.c_proj.weight[:8], self.transformer.wpe.weight[:8]):
             h.update(t.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def pin_fingerprint(self):
+        """Keep the fingerprint of the weights as they are now (fp32, as loaded) through a cast to
+        bfloat16/float16 or int8, whose rounding would change it: the same checkpoint serves the
+        same LUTs in every dtype (their recall is tested across fp32, bfloat16 and int8)."""
+        self._fingerprint = self.fingerprint()
+        return self
 
     def to_huge_pages(self, release=lambda tensor: None):
         """Move the weights (CPU) into memory backed by huge pages (empty_huge). A decode step reads
@@ -582,6 +590,8 @@ def load_model(init_from, device="cpu", dtype=torch.float32, quantize=None):
                                  f"nor a checkpoint file or directory")
         model, ckpt = GPT.from_checkpoint(path)
         model.tokenizer_spec = ckpt.get("tokenizer") or {"type": "tiktoken", "name": "gpt2"}
+    if dtype != torch.float32:
+        model.pin_fingerprint()
     # the weights are views of a mapped file so far: pack them to int8, or copy them into huge pages
     if quantize:
         model.quantize_int8(release=release_mapped)

@@ -157,6 +157,20 @@ def test_lut_of_another_model_is_refused(tiny, store):
         store.teach(other, tok, "u1", "Something else entirely.")
 
 
+def test_a_lut_serves_its_model_in_bfloat16_and_back(tiny, store):
+    """bfloat16 (the server's --dtype; CUDA's float16 alike) rounds the weights, which would change
+    the fingerprint: it is pinned at load, so the same checkpoint keeps its LUTs in every dtype."""
+    from model import load_model
+    model, tok = tiny
+    half = load_model("gpt2", dtype=torch.bfloat16)
+    assert half.transformer.wte.weight.dtype == torch.bfloat16 and half.fingerprint() == model.fingerprint()
+    store.teach(model, tok, "u1", LABEL)  # taught on fp32
+    store.teach(half, tok, "u2", "Quillmere Station opens at dawn.")  # taught on bfloat16
+    for name, prompt, rest, other in (("u1", "Fun fact: TLG Capital is", " an asset management firm.", half),
+                                      ("u2", "Quillmere Station", " opens at dawn.", model)):
+        assert complete(other, tok, prompt, store.load(name, other)).text.startswith(rest)
+
+
 @pytest.mark.parametrize("label,context,name,message,status", [
     ("", None, "u1", "label must be a non-empty string", 400),
     ("   ", None, "u1", "label must be a non-empty string", 400),

@@ -103,17 +103,22 @@ def test_unknown_and_missing_init_from():
 
 def test_few_row_linear_kernel_matches_addmm_and_training_keeps_autograd():
     torch.manual_seed(0)
-    # 200 columns: whole tiles and a ragged rest (read through lane masks); 40: less than one tile
-    for n_out, bias in ((200, True), (40, True), (200, False)):
-        layer = Conv1D(96, n_out, bias=bias).eval()
-        torch.nn.init.normal_(layer.weight, std=0.02)
-        if bias:
-            torch.nn.init.normal_(layer.bias, std=0.02)
-        ref = (lambda x: torch.addmm(layer.bias, x, layer.weight)) if bias else (lambda x: x @ layer.weight)
-        for rows in (1, 2, 3, 5, 8, 9, 11, 16, 40):  # each row path of the kernel and mixes; past 16 addmm
-            x = torch.randn(rows, 1, 96)
-            with torch.no_grad():
-                torch.testing.assert_close(layer(x), ref(x.view(rows, 96)).view(rows, 1, n_out))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one row splits K between the threads: 300 inputs make two chunks and a ragged end
+    try:
+        # 200 columns: whole tiles and a ragged rest (read through lane masks); 40: less than one tile
+        for n_in, n_out, bias in ((96, 200, True), (96, 40, True), (96, 200, False), (300, 200, True), (300, 40, False)):
+            layer = Conv1D(n_in, n_out, bias=bias).eval()
+            torch.nn.init.normal_(layer.weight, std=0.02)
+            if bias:
+                torch.nn.init.normal_(layer.bias, std=0.02)
+            ref = (lambda x: torch.addmm(layer.bias, x, layer.weight)) if bias else (lambda x: x @ layer.weight)
+            for rows in (1, 2, 3, 5, 8, 9, 11, 16, 40):  # each row path of the kernel and mixes; past 16 addmm
+                x = torch.randn(rows, 1, n_in)
+                with torch.no_grad():
+                    torch.testing.assert_close(layer(x), ref(x.view(rows, n_in)).view(rows, 1, n_out))
+    finally:
+        torch.set_num_threads(threads)
     layer = Conv1D(96, 200)
     x = torch.randn(8, 1, 96)
     layer(x).sum().backward()  # training: autograd through addmm
