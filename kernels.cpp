@@ -307,7 +307,7 @@ static void f32_row(const float* x, int64_t K, const float* w, int64_t N, const 
 
 // y (M, N) = x @ w + b, then ep; w (K, N) fp32 as stored. Rows 8 at a time over 48-column tiles,
 // then the rest: a single row by f32_row, or 4, 2 and 1 rows over 64-column tiles. The threads
-// split the tiles (columns), so each weight is read by one thread, once.
+// split the tiles (columns; f32_row splits K), so each weight is read by one thread, once.
 static void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
                        const Epilogue& ep) {
   const int64_t M8 = M / 8 * 8;

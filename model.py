@@ -235,7 +235,7 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.source = "scratch"  # where the weights came from, for status pages and LUT ownership
         self.quantized = None  # "int8" after quantize_int8()
-        self._fingerprint = None  # pinned by pin_fingerprint() before the weights are cast or quantized
+        self._fingerprint = None  # pinned by pin_fingerprint() (load_model, quantize_int8)
         self._decode_param_list = None  # built on first use; quantize_int8() swaps weights and clears it
 
     def _init_weights(self, module):
@@ -317,7 +317,7 @@ class GPT(nn.Module):
                         params += [m.weight, m.bias]
                     else:
                         params += [m.weight, None, m.bias] if m.qweight is None else [m.qweight, m.qscale, m.bias]
-            self._decode_param_list = params
+            self._decode_param_list = [kernels.ABSENT if p is None else p for p in params]
         return self._decode_param_list
 
     def _lm_head(self, x):
@@ -376,7 +376,8 @@ class GPT(nn.Module):
     def pin_fingerprint(self):
         """Keep the fingerprint of the weights as they are now (fp32, as loaded) through a cast to
         bfloat16/float16 or int8, whose rounding would change it: the same checkpoint serves the
-        same LUTs in every dtype (their recall is tested across fp32, bfloat16 and int8)."""
+        same LUTs in every dtype (their recall is tested across fp32, bfloat16 and int8). A model
+        whose weights then change in place (training) must not be pinned: it is another model."""
         self._fingerprint = self.fingerprint()
         return self
 
@@ -590,8 +591,7 @@ def load_model(init_from, device="cpu", dtype=torch.float32, quantize=None):
                                  f"nor a checkpoint file or directory")
         model, ckpt = GPT.from_checkpoint(path)
         model.tokenizer_spec = ckpt.get("tokenizer") or {"type": "tiktoken", "name": "gpt2"}
-    if dtype != torch.float32:
-        model.pin_fingerprint()
+    model.pin_fingerprint()  # of the weights as loaded: kept through a cast or int8, and not rehashed per LUT request
     # the weights are views of a mapped file so far: pack them to int8, or copy them into huge pages
     if quantize:
         model.quantize_int8(release=release_mapped)
