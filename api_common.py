@@ -74,6 +74,31 @@ def sampling(data, length_field, default_length, defaults, **extra):
     return params
 
 
+def trace_requested(data, lut_name):
+    """The lut_trace field: whether the answer names, for each span a LUT produced, its label."""
+    want = field(data, "lut_trace", bool, False)
+    if want and not lut_name:
+        raise APIError(400, "lut_trace needs lut_name: it traces what that LUT produced", param="lut_trace")
+    return want
+
+
+def no_trace(data, route):
+    if data.get("lut_trace") is not None:
+        raise APIError(400, f"lut_trace is not available on {route}; ask /generate, /chat, /v1/completions "
+                            f"or /v1/chat/completions", param="lut_trace")
+
+
+def lut_trace(seq, shown, offset=0):
+    """seq's LUT spans as the client sees its text: `shown`, in which seq.text starts at offset
+    (a negative offset: that much of its start is not shown)."""
+    spans = []
+    for span in seq.lut_trace():
+        start, end = max(0, span["start"] + offset), min(len(shown), span["end"] + offset)
+        if start < end:
+            spans.append({**span, "start": start, "end": end, "text": shown[start:end]})
+    return spans
+
+
 def usage(n_prompt, seqs):
     n_out = sum(len(s.out_ids) for s in seqs)
     return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
@@ -110,14 +135,22 @@ def sse_text(text):
     return "".join(f"data: {line}\n" for line in text.split("\n")) + "\n"
 
 
-def text_events(job, timeout):
-    """Seed 002 streaming: the text as it is generated, then data: [DONE]."""
+def text_events(job, timeout, trace=False, shown=None):
+    """Seed 002 streaming: the text as it is generated, then data: [DONE]. With trace, an
+    `event: lut_trace` whose data is the JSON list of LUT spans comes before [DONE]; shown(text)
+    gives the text the client has been sent and where the generated text starts in it."""
     try:
         for delta in live_deltas(job, timeout):
             yield sse_text(delta) if delta else ": keep-alive\n\n"
+        if trace:
+            yield f"event: lut_trace\ndata: {json.dumps(lut_trace(job.seq, *(shown or _as_is)(job.seq.text)))}\n\n"
     except (TimeoutError, RuntimeError) as e:  # RuntimeError: the engine failed this request
         yield f"event: error\ndata: {e}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _as_is(text):
+    return text, 0
 
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}

@@ -90,6 +90,8 @@ class Sequence:
         self.logprobs = []  # with params.logprobs: (token logprob, [(alternative, logprob), ...]) per token
         self.next_logprobs = None  # (V,) log-softmax of the raw logits for the token being chosen
         self.draft_pause = 0  # plain decode steps to take before drafting again (speculative decoding)
+        self.lut_fires = []  # (token index, text start, text end, lut, entry, how) of tokens a LUT produced
+        self.lut_memo = {}  # what the LUT remembers of this text between steps (variants.Variants.read)
 
     @property
     def done(self):
@@ -100,8 +102,9 @@ class Sequence:
             self._seen_tensor = torch.tensor(sorted(self._seen), dtype=torch.long, device=device)
         return self._seen_tensor
 
-    def append(self, token):
-        """Record a sampled token; decide whether the sequence is finished."""
+    def append(self, token, fire=None):
+        """Record a sampled token (fire: (lut, entry, how) where a LUT produced it); decide whether
+        the sequence is finished."""
         if token == self.eot:
             self._finish("stop")
             return
@@ -116,6 +119,8 @@ class Sequence:
             self._seen_tensor = None
         before = len(self.text)
         self.text += self.stream.push(token)
+        if fire is not None:
+            self.lut_fires.append((len(self.out_ids) - 1, before, len(self.text)) + tuple(fire))
         if self._cut_at_stop(before):
             return
         if len(self.out_ids) >= self.params.max_new_tokens:
@@ -138,6 +143,27 @@ class Sequence:
 
     def cancel(self):
         self.finish_reason = "cancelled"
+
+    def lut_trace(self):
+        """The spans of the generated text that a LUT produced: [{start, end, text, label_id, label,
+        label_context, how}], offsets into the text; neighbouring tokens of one label make one
+        span, whose `how` is how its first token fired."""
+        spans = []
+        for i, start, end, lut, entry, how in self.lut_fires:
+            end = min(end, len(self.text))
+            if start >= end:
+                continue
+            label_id, label, context = lut.label_of(entry)
+            last = spans[-1] if spans else None
+            if last and last["label_id"] == label_id and last["end"] == start and last["_token"] == i - 1:
+                last["end"], last["_token"] = end, i
+            else:
+                spans.append(dict(start=start, end=end, label_id=label_id, label=label, label_context=context,
+                                  how=how, _token=i))
+        for span in spans:
+            span.pop("_token")
+            span["text"] = self.text[span["start"]:span["end"]]
+        return spans
 
     def new_text(self):
         """Text not handed out yet. While running, a tail that could still become a stop sequence
@@ -203,7 +229,7 @@ def sample_row(logits, params, generator):
     else:
         probs = scaled.softmax(-1)
     if params.top_p < 1.0:  # keep the smallest prefix whose mass reaches top_p
-        keep = int((probs.cumsum(-1) - probs < params.top_p).sum())
+        keep = max(1, int((probs.cumsum(-1) - probs < params.top_p).sum()))  # a tiny top_p keeps the most likely
         probs, ids = probs[:keep], ids[:keep]
     cdf = probs.cumsum(-1).cpu()
     u = torch.rand(1, generator=generator) * cdf[-1]
@@ -220,8 +246,9 @@ def draft_tokens(seq, k):
     what followed the latest earlier occurrence of the text's last 3 (or 2) tokens."""
     tokens = seq.prompt_ids + seq.out_ids
     drafts = []
+    seq.lut_memo["stable"] = len(tokens)
     while seq.lut is not None and len(drafts) < k:
-        e = seq.lut.match(tokens + drafts, len(tokens) + len(drafts) - 1)
+        e, _ = seq.lut.lookup(tokens + drafts, len(tokens) + len(drafts) - 1, seq.lut_memo)
         if e < 0:
             break
         drafts.append(int(seq.lut.targets[e]))
@@ -289,7 +316,8 @@ class Batcher:
                                logits_at=last, lut=luts)
         self.seqs += new_seqs
         self.lengths += [len(s.prompt_ids) for s in new_seqs]
-        self._take(new_seqs, sample_next(logits, new_seqs, luts.taught_at(last) if luts else None))
+        self._take(new_seqs, sample_next(logits, new_seqs, luts.taught_at(last) if luts else None),
+                   luts.fires_at([n - 1 for n in self.lengths[lo:hi]]) if luts else None)
 
     @torch.inference_mode()
     def step(self):
@@ -310,7 +338,7 @@ class Batcher:
         logits, _ = self.model(idx, cache=self.cache.rows(0, B), pos=pos, logits_at=None, lut=luts)
         self.lengths = [n + 1 for n in self.lengths]
         forced = luts.taught_at(torch.zeros(B, dtype=torch.long)) if luts and luts.hits else None
-        self._take(seqs, sample_next(logits[:, -1], seqs, forced))
+        self._take(seqs, sample_next(logits[:, -1], seqs, forced), luts.fires_at([0] * B) if forced is not None else None)
         return seqs
 
     def _speculate(self, s):
@@ -336,17 +364,19 @@ class Batcher:
         logits, _ = self.model(torch.tensor([inputs], device=self.device), cache=self.cache.rows(0, 1), pos=n,
                                lut=luts)
         chosen = logits[0].argmax(-1).cpu()  # (len(inputs),) the greedy token after each input
+        fires = [None] * len(inputs)
         for j in range(len(inputs) if luts and luts.hits else 0):
             taught = luts.taught_at(torch.tensor([j]))[0]
             if taught >= 0:
                 chosen[j] = taught
+                fires[j] = luts.fires_at([j])[0]
         kept = 0
         while kept < len(drafts) and chosen[kept] == drafts[kept]:
             kept += 1
         self.lengths[0] = n + kept + 1  # the inputs whose keys and values are right
         s.draft_pause = 0 if kept else 4
-        for token in drafts[:kept] + [int(chosen[kept])]:
-            s.append(token)
+        for token, fire in zip(drafts[:kept] + [int(chosen[kept])], fires):
+            s.append(token, fire)
             if s.done:
                 break
         self.retire()
@@ -362,10 +392,10 @@ class Batcher:
                    logits_at=torch.tensor([len(window) - 1], device=self.device))
         self.lengths[i] = len(window)
 
-    def _take(self, seqs, tokens):
-        for s, t in zip(seqs, tokens.tolist()):
+    def _take(self, seqs, tokens, fires=None):
+        for s, t, fire in zip(seqs, tokens.tolist(), fires or [None] * len(seqs)):
             if not s.done:
-                s.append(t)
+                s.append(t, fire)
         self.retire()
 
     def retire(self):
@@ -390,7 +420,10 @@ def _lut_batch(seqs, window, last_only=False, tail=()):
     if all(s.lut is None for s in seqs):
         return None
     from lut import LUTBatch
-    return LUTBatch([s.lut for s in seqs], [s.prompt_ids + s.out_ids + list(tail) for s in seqs], window, last_only)
+    for s in seqs:
+        s.lut_memo["stable"] = len(s.prompt_ids) + len(s.out_ids)  # drafts in tail may still be rejected
+    return LUTBatch([s.lut for s in seqs], [s.prompt_ids + s.out_ids + list(tail) for s in seqs], window, last_only,
+                    [s.lut_memo for s in seqs])
 
 
 def generate(model, tokenizer, prompts, params, luts=None, max_batch=8, on_text=None, draft_tokens=DRAFT_TOKENS):

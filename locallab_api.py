@@ -9,7 +9,8 @@ import time
 
 from flask import Blueprint, jsonify
 
-from api_common import APIError, CHAT_STOP, body, chat_prompt, field, service, sse, text_events, usage
+from api_common import (APIError, CHAT_STOP, body, chat_prompt, field, lut_trace, no_trace, service, sse,
+                        text_events, trace_requested, usage)
 from lut_api import generation_request
 from model import HUB_ORG, PRETRAINED
 
@@ -31,16 +32,18 @@ def chat():
     continued = data.get("continue_final_message", False)
     prompt = chat_prompt(data.get("messages"), continued)
     params, _, lut_name, stream = generation_request(data)
+    trace = trace_requested(data, lut_name)
     params = dataclasses.replace(params, stop=params.stop + CHAT_STOP)
     svc = service()
     if stream:
         job, _ = svc.submit(prompt, params, lut_name, fit=True)
-        return sse(text_events(job, svc.cfg["request_timeout"]), job)
+        return sse(text_events(job, svc.cfg["request_timeout"], trace), job)
     seq, n_prompt = svc.run(prompt, params, lut_name, fit=True)
-    return jsonify(choices=[{"message": {"role": "assistant",
-                                         "content": seq.text.rstrip() if continued else seq.text.strip()},
-                             "finish_reason": seq.finish_reason}],
-                   usage=usage(n_prompt, [seq]), model_id=svc.slot.name, lut_name=lut_name)
+    content = seq.text.rstrip() if continued else seq.text.strip()
+    choice = {"message": {"role": "assistant", "content": content}, "finish_reason": seq.finish_reason}
+    if trace:  # offsets into content
+        choice["lut_trace"] = lut_trace(seq, content, len(content) - len(seq.text.rstrip()))
+    return jsonify(choices=[choice], usage=usage(n_prompt, [seq]), model_id=svc.slot.name, lut_name=lut_name)
 
 
 @bp.post("/generate/batch")
@@ -54,6 +57,7 @@ def generate_batch():
     if len(prompts) > limit:
         raise APIError(413, f"prompts: at most {limit} per request, got {len(prompts)}")
     params, fit, lut_name, stream = generation_request(data)
+    no_trace(data, "/generate/batch")
     if stream:
         raise APIError(400, "stream is not supported by /generate/batch")
     jobs = []

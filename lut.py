@@ -31,20 +31,40 @@ entry (latest wins).
 GPT-2's BPE spells a word differently at the start of a text ("Quillmere") and after a space
 (" Quillmere"), so each lesson is taught in both spellings.
 
-Why exact triggers rather than residual keys (what this file did before): a key read from the
-residual after block 2n/3-1, gated on the token, with a radius of half the distance to unrelated
-filler text, recalled 100% when the prompt started with the label, but 0% after any leading text
-("Fun fact: ", a chat transcript) on random weights and on the trained char model alike: the
-residual at a position mixes in everything before it, so a radius tight enough to stay local
-excludes the same words after other text. An exact suffix ignores leading text by construction
-(as kNN-LM's and infini-gram's exact contexts do), costs no forward pass to match, and its
-specificity can be decided from the words themselves. Measured with bench/lut_eval.py (1,000
-labels, 200 of them starting with "The", "I think", "It is" or "In 1998") on the 124M shape with
-random weights, the trained English BPE model (out/gcide) and the trained char model alike: recall
-100% after six kinds of leading text (chat transcripts among them) and after another label's text,
-100% when the model writes a trigger itself, zero false fires in 1,000 unrelated passages (65,000
-tokens of tinyshakespeare and model-written text), locality 100%; teaching a ~10-token label takes
-~0.1 s on the 124M shape (one forward pass over 3 short runs; no negatives to encode).
+Canonical entries: the lesson is also stored token by token as spelled after a space, keyed by
+position (evidence CANON + the tokens before it, min_len = the position), and where the vocabulary
+has <|endoftext|> one more entry ends it. Exact matching never fires them (no text holds CANON);
+variants.py does, when a text names the label's subject in another way: other casing or Unicode
+forms, hyphens, an insertion after the subject, another form of its linking verb, a rare part of
+the subject alone, a possessive, or a question about it (answered with the whole label, which then
+ends). A label of common words only ("I think that it is.") is accepted and recalled only where a
+text starts with its first two words; recall_mode() says which of the three ways (subject,
+context, text_start) a label is recalled by, and /train_lut answers with it.
+
+Why text rules over the model's states for variants: the values must fire on the 124M shape with
+random weights as on the trained models, and random weights carry no meaning, so any similarity of
+residuals or embeddings is noise there; on the trained models it mixes words that share spelling
+or position. The text rules keep what the exact triggers give (text without a named subject is
+bit-identical to the base model) and decide from words a reader can check. Measured with
+`bench/lut_eval.py --suite variants` (1,000 labels of four shapes, 24 held-out templates of eight
+kinds, 2,400 sentences that name a subject and go elsewhere) on the 124M shape with random weights
+and both trained models: docs/lut.md has the figures; in short, every kind recalled at >= 99%,
+hijacks 0, a reworded relation ("is known as" for "is") 0% (no target: it is not a variant).
+
+Why exact triggers rather than residual keys for the verbatim path: a key read from the residual
+after block 2n/3-1, gated on the token, with a radius of half the distance to unrelated filler
+text, recalled 100% when the prompt started with the label, but 0% after any leading text ("Fun
+fact: ", a chat transcript) on random weights and on the trained char model alike: the residual at
+a position mixes in everything before it, so a radius tight enough to stay local excludes the same
+words after other text. An exact suffix ignores leading text by construction (as kNN-LM's and
+infini-gram's exact contexts do), costs no forward pass to match, and its specificity can be
+decided from the words themselves. Measured with bench/lut_eval.py (1,000 labels, 200 of them
+starting with "The", "I think", "It is" or "In 1998") on the 124M shape with random weights, the
+trained English BPE model (out/gcide) and the trained char model alike: recall 100% after six
+kinds of leading text (chat transcripts among them) and after another label's text, 100% when the
+model writes a trigger itself, zero false fires in 1,000 unrelated passages (65,000 tokens of
+tinyshakespeare and model-written text), locality 100%; teaching a ~10-token label takes ~0.1 s on
+the 124M shape (one forward pass over 4 short runs; no negatives to encode).
 
 LUTs live in SQLite or PostgreSQL (storage.py; one row per entry, one transaction per teach); the labels are the source
 of truth, and a LUT taught by an older version of this file is re-taught from them on first use.
@@ -52,7 +72,6 @@ of truth, and a LUT taught by an older version of this file is re-taught from th
 """
 import argparse
 import collections
-import functools
 import hashlib
 import json
 import logging
@@ -71,21 +90,21 @@ from tqdm import tqdm
 
 import labelfile
 from storage import TYPES, Database, StoreUnavailable, Transaction
+from variants import START_WORDS, WORD_RE, Form, Variants, is_specific, trigger_prefix
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_LABEL_TOKENS = 256
 MAX_CONTEXT_TOKENS = 512
 EVIDENCE_TOKENS = 64  # the longest trigger an entry keeps
-RARE_ZIPF = 3.0  # one word rarer than this (under ~1 per million words) makes a trigger specific
-COMMON_ZIPF = 5.5  # ... or two words rarer than this (not "the", "is", "think", "people", "New")
-WORD_RE = re.compile(r"\w+(?:'\w+)*")
 # Texts a lesson is run behind when its values are solved, so they win after any text: the plain
 # spelling alone (the first position, where GPT-2's residual is largest) and after a newline, the
 # spaced one in a chat transcript.
 TEACH_LEADS = (["", "\n"], ["User: Hello.\nAssistant:"])
 MARGIN = 1.0  # logits by which a value puts its token ahead of every other
-FORMAT = 2  # entries with token triggers; LUTs of format 1 (residual keys) are re-taught on use
-EXPORT_FORMAT = "gpt2-lut/2"
+FORMAT = 3  # token triggers plus canonical entries; LUTs of older formats are re-taught on use
+EXPORT_FORMAT = "gpt2-lut/3"
+CANON = -2  # first evidence token of a canonical entry (no text has it: exact matching never fires one)
+PAD = -1  # pads evidence in exports
 
 
 class LUTError(ValueError):
@@ -99,38 +118,6 @@ class LUTError(ValueError):
 
 
 # ---------------------------------------------------------------------------- triggers
-
-@functools.lru_cache(maxsize=65536)
-def word_zipf(word):
-    """How common an English word is: log10 of its frequency per billion words (0 = unknown)."""
-    from wordfreq import zipf_frequency
-    return zipf_frequency(word, "en")
-
-
-def is_specific(text, open_left, open_right):
-    """Whether `text` is rare enough in ordinary English to trigger a label on its own: it holds a
-    whole word rarer than RARE_ZIPF, or two rarer than COMMON_ZIPF. A word touching the start
-    (end) of text counts only if open_left (open_right) is False, i.e. the word cannot go on
-    past that edge."""
-    content = 0
-    for m in WORD_RE.finditer(text):
-        if (m.start() == 0 and open_left) or (m.end() == len(text) and open_right):
-            continue
-        z = word_zipf(m.group())
-        if z < RARE_ZIPF:
-            return True
-        content += z < COMMON_ZIPF
-    return content >= 2
-
-
-def trigger_prefix(label):
-    """The shortest start of `label` (whole words) after which it is recalled in any text, or
-    None when no start is specific enough: what a user sees as the label's trigger."""
-    for m in WORD_RE.finditer(label):
-        if is_specific(label[:m.end()], False, False):
-            return label[:m.end()]
-    return None
-
 
 def trigger_lengths(tokenizer, lesson, first, has_context):
     """For each taught position p in range(first, len(lesson) - 1): how many tokens ending at p
@@ -155,21 +142,32 @@ def trigger_lengths(tokenizer, lesson, first, has_context):
 # ---------------------------------------------------------------------------- the model side
 
 class LUT:
-    """One LUT's entries, grouped by the last token of their evidence for matching."""
+    """One LUT's entries: exact triggers grouped by the last token of their evidence, and the
+    canonical entries through which variants fire (variants.py)."""
 
-    def __init__(self, name, model_id, evidence, min_len, targets, values, version=0):
-        """evidence: list of int token lists (the trigger's tokens, oldest first); min_len, targets:
-        (N,) ints; values: (N, C) tensor. Entries are in teaching order (later = newer)."""
+    def __init__(self, name, model_id, evidence, min_len, targets, values, version=0, label_ids=None,
+                 labels=None, tokenizer=None):
+        """evidence: list of int token lists (the trigger's tokens, oldest first; a canonical entry's
+        starts with CANON and its min_len is its position in the label); min_len, targets: (N,)
+        ints; values: (N, C) tensor. Entries are in teaching order (later = newer). label_ids: (N,)
+        each entry's label; labels: {label id: (label, context)}; tokenizer: reads the text for
+        variants (without it, and without labels, only exact triggers fire)."""
         self.name, self.model_id, self.version = name, model_id, version
         self.observe = None  # the store's observe(event, value): counts entries that fire (/metrics)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.values = values
+        self.label_ids = np.asarray(label_ids if label_ids is not None else [-1] * len(self.targets), dtype=np.int64)
+        self.labels = labels or {}
         # last token -> (entry ids, reversed evidence (n, L) padded -1, lengths, min_len, the smallest
         # min_len k, the set of the entries' last k tokens: text ending otherwise fires nothing here)
         self.groups = {}
         by_last = collections.defaultdict(list)
+        canonical = collections.defaultdict(dict)  # label id -> {position: entry}
         for i, ev in enumerate(evidence):
-            by_last[ev[-1]].append(i)
+            if ev[0] == CANON:
+                canonical[int(self.label_ids[i])][int(min_len[i])] = i
+            else:
+                by_last[ev[-1]].append(i)
         for tok, ids in by_last.items():
             L = max(len(evidence[i]) for i in ids)
             rev = np.full((len(ids), L), -1, dtype=np.int64)
@@ -179,6 +177,19 @@ class LUT:
             least = int(group_min_len.min())
             self.groups[tok] = (np.array(ids), rev, np.array([len(evidence[i]) for i in ids]), group_min_len,
                                 least, {tuple(evidence[i][-least:]) for i in ids})
+        self.canonical = {}  # (label id, position) -> entry
+        forms = []
+        for label_id in sorted(canonical):
+            positions = canonical[label_id]
+            n = next(k for k in range(len(positions) + 1) if k not in positions)  # a whole prefix
+            self.canonical.update(((label_id, k), positions[k]) for k in range(n))
+            if tokenizer is not None and label_id in self.labels and n:
+                label, context = self.labels[label_id]
+                canon = [int(self.targets[positions[k]]) for k in range(n)]
+                ends = canon[-1] == tokenizer.eot_token  # an answer ends after the label
+                forms.append(Form(label_id, label, context or None, canon[:-1] if ends else canon, tokenizer.decode,
+                                  ends))
+        self.variants = Variants(forms, tokenizer) if forms else None
 
     def __len__(self):
         return len(self.targets)
@@ -190,8 +201,39 @@ class LUT:
         lut.values = self.values.to(device)
         return lut
 
+    def lookup(self, tokens, t, memo=None):
+        """What fires at position t of `tokens` (a list of ids: the text so far): (entry, how), how
+        one of "verbatim", "question" or the variant kinds of variants.py; (-1, None) if nothing.
+        A question about a subject goes first (its answer is one label from start to end), then
+        the exact trigger, unless a variant that names its subject goes on with another label (an
+        exact trigger is a few words, "a salt mine near L", which another label can share), then
+        the other variants. memo: see variants.Variants.read."""
+        view = self.variants.read(tokens, t, memo) if self.variants is not None else None
+        found = self.variants.question(view) if view else None
+        if found is None:
+            e = self.match(tokens, t)
+            found = self.variants.statement(view) if view else None
+            if e >= 0 and (found is None or found[0].id == self.label_ids[e]):
+                return e, "verbatim"
+        if found is None:
+            return -1, None
+        form, k, how = found
+        return self.canonical[(form.id, k)], how
+
+    def lookups(self, tokens, positions, memo=None):
+        """lookup() at each of `positions` (ascending), the text read once where no variant can fire."""
+        if self.variants is None or self.variants.quiet(tokens, positions[0], positions[-1], memo):
+            return [(e, "verbatim" if e >= 0 else None) for e in (self.match(tokens, t) for t in positions)]
+        return [self.lookup(tokens, t, memo) for t in positions]
+
+    def label_of(self, entry):
+        """(label id, label, label_context) of an entry."""
+        label_id = int(self.label_ids[entry])
+        label, context = self.labels.get(label_id, (None, None))
+        return label_id, label, context or None
+
     def match(self, tokens, t):
-        """The entry that fires at position t of `tokens` (a list of ids: the text so far), or -1."""
+        """The entry whose exact trigger fires at position t of `tokens`, or -1."""
         group = self.groups.get(tokens[t])
         if group is None:
             return -1
@@ -226,21 +268,24 @@ class LUTBatch:
     matched (a prefill that wants only the last logits). model.GPT.forward calls apply() on the
     final residual."""
 
-    def __init__(self, row_luts, row_tokens, window, last_only=False):
+    def __init__(self, row_luts, row_tokens, window, last_only=False, memos=None):
+        """memos: per row, a dict kept with its sequence (see variants.Variants.read) or None."""
         self.hits = []  # (rows, positions, values, taught next tokens)
+        self.fires = {}  # (row, position) -> (lut, entry, how): what the trace reports
         found = {}  # id(lut) -> (lut, rows, positions, entries)
         for r, (lut, tokens) in enumerate(zip(row_luts, row_tokens)):
             if lut is None or not len(lut):
                 continue
             n = len(tokens)
             start = n - window[r]
-            for t in ([n - 1] if last_only else range(start, n)):
-                e = lut.match(tokens, t)
+            positions = [n - 1] if last_only else range(start, n)
+            for t, (e, how) in zip(positions, lut.lookups(tokens, positions, memos[r] if memos else None)):
                 if e >= 0:
                     _, rows, positions, entries = found.setdefault(id(lut), (lut, [], [], []))
                     rows.append(r)
                     positions.append(t - start)
                     entries.append(e)
+                    self.fires[(r, t - start)] = (lut, e, how)
         for lut, rows, positions, entries in found.values():
             if lut.observe is not None:
                 lut.observe("fired", len(entries))
@@ -268,6 +313,10 @@ class LUTBatch:
             at = positions[rows] == pos
             taught[rows[at]] = targets[at]
         return taught
+
+    def fires_at(self, positions):
+        """positions: one position per row -> per row, (lut, entry, how) where an entry fired there, else None."""
+        return [self.fires.get((r, int(p))) for r, p in enumerate(positions)]
 
 
 class Recorder:
@@ -370,7 +419,9 @@ def _encode(tokenizer, text, field):
 
 def tokenize_lesson(tokenizer, label, label_context, block_size, lead):
     """The lesson's spellings as [(tokens, first taught position)]: as written, and, where the
-    tokenizer spells it differently, after a space (GPT-2's BPE: "Alice" vs " Alice")."""
+    tokenizer spells it differently, after a space (GPT-2's BPE: "Alice" vs " Alice"); and its
+    canonical spelling, the one after a space (as written where it starts with one, or where the
+    vocabulary has no space), which its canonical entries follow."""
     if not isinstance(label, str) or not label.strip():
         raise LUTError("label must be a non-empty string")
     if label_context is not None and not isinstance(label_context, str):
@@ -391,14 +442,29 @@ def tokenize_lesson(tokenizer, label, label_context, block_size, lead):
         raise LUTError("label must be at least two tokens when no label_context is given "
                        "(nothing follows a single token)")
     lessons = [(ctx + ids, max(len(ctx) - 1, 0))]
-    if not (label_context or label)[:1].isspace():
-        try:
-            sctx, sids = spell(" ")
-        except LUTError:  # a vocabulary without a space
-            return lessons
-        if (sctx + sids)[1:] != lessons[0][0]:  # spelled differently, not just a space token more
-            lessons.append((sctx + sids, max(len(sctx) - 1, 0)))
-    return lessons
+    if (label_context or label)[:1].isspace():
+        return lessons, ctx + ids
+    try:
+        sctx, sids = spell(" ")
+    except LUTError:  # a vocabulary without a space
+        return lessons, ctx + ids
+    if (sctx + sids)[1:] != lessons[0][0]:  # spelled differently, not just a space token more
+        lessons.append((sctx + sids, max(len(sctx) - 1, 0)))
+    return lessons, sctx + sids
+
+
+def recall_mode(label, label_context=None):
+    """How a label is recalled, as (mode, trigger): ("subject", the start that names it) wherever a
+    text names that subject, in its variants and in questions about it; ("context", the context)
+    after its label_context or a variant of it; ("text_start", its first words) only where a text
+    starts with them, since a label of common words alone must not change other texts."""
+    if label_context:
+        return "context", label_context
+    trig = trigger_prefix(label)
+    if trig:
+        return "subject", trig
+    words = list(WORD_RE.finditer(label))
+    return "text_start", label[:words[min(START_WORDS, len(words)) - 1].end()] if words else label
 
 
 @torch.no_grad()
@@ -406,8 +472,11 @@ def build_entries(model, tokenizer, label, label_context=None, directions=None):
     """The entries that teach `label` (after `label_context`): a dict of arrays, one row per entry.
     directions: a cache for solve_values, kept for as long as the model does not change."""
     leads = [[encode_known(tokenizer, c) for c in texts] for texts in TEACH_LEADS]
-    lessons = tokenize_lesson(tokenizer, label, label_context, model.config.block_size,
-                              max(len(lead) for texts in leads for lead in texts))
+    lessons, canon = tokenize_lesson(tokenizer, label, label_context, model.config.block_size,
+                                     max(len(lead) for texts in leads for lead in texts))
+    chat = leads[1][0] or canon[:1]  # canonical entries: what a variant or an answer fires, each label token after a space
+    if len(chat) + len(canon) > model.config.block_size:
+        chat = chat[len(chat) + len(canon) - model.config.block_size:]
     entries = collections.defaultdict(list)
     for li, (seq, first) in enumerate(lessons):
         for p, min_len in zip(range(first, len(seq) - 1),
@@ -418,15 +487,21 @@ def build_entries(model, tokenizer, label, label_context=None, directions=None):
                 entries["evidence"].append(seq[max(0, p + 1 - EVIDENCE_TOKENS):p + 1])
                 entries["target"].append(seq[p + 1])
                 entries["lesson"].append(li)
-    if not entries:
-        raise LUTError("label has no part specific enough to recall it by (only common words); "
-                       "add a rarer word or give a label_context")
-    # each spelling behind its leads (one spelling: all leads); the value must dwarf the residual
-    # of every run
+    # ... and, where the vocabulary has one, <|endoftext|> after it: an answer that states the
+    # label ends there
+    for k in range(len(canon) + (tokenizer.eot_token is not None)):
+        entries["position"].append(k - 1)
+        entries["min_len"].append(k)  # a canonical entry's min_len is its position in the label
+        entries["evidence"].append([CANON] + canon[max(0, k + 1 - EVIDENCE_TOKENS):k])
+        entries["target"].append(canon[k] if k < len(canon) else tokenizer.eot_token)
+        entries["lesson"].append(len(lessons))
+    # each spelling behind its leads (one spelling: all leads), the canonical one after a chat
+    # turn; the value must dwarf the residual of every run
     if len(lessons) == 1:
         leads = [leads[0] + leads[1]]
-    runs = [(li, lead) for li in range(len(lessons)) for lead in leads[li]]
-    norms = final_residuals(model, [lead + lessons[li][0] for li, lead in runs]).norm(dim=-1)  # (runs, T)
+    runs = [(li, lead) for li in range(len(lessons)) for lead in leads[li]] + [(len(lessons), chat)]
+    texts = [lead + lessons[li][0] for li, lead in runs[:-1]] + [chat + canon]
+    norms = final_residuals(model, texts).norm(dim=-1)  # (runs, T)
     h_norm = torch.stack([max(norms[r, len(lead) + p] for r, (run_li, lead) in enumerate(runs) if run_li == li)
                           for li, p in zip(entries["lesson"], entries["position"])])
     targets = torch.tensor(entries["target"])
@@ -557,7 +632,8 @@ class LUTStore:
                                                      entries["value"])]
         replaced = db.executemany("DELETE FROM entries WHERE lut=? AND token=? AND evidence=? AND target!=?",
                                   [(lut_name, token, evidence, target)
-                                   for _, _, token, _, target, evidence, _ in rows]).rowcount
+                                   for (_, _, token, _, target, evidence, _), ev in zip(rows, entries["evidence"])
+                                   if ev[0] != CANON]).rowcount
         db.executemany("INSERT INTO entries (lut, label_id, token, min_len, target, evidence, value) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         return max(replaced, 0)
@@ -625,16 +701,21 @@ class LUTStore:
         # the LUT's row and every entry in one query: one round trip, one snapshot. Sorted into
         # teaching order here, not by the database: PostgreSQL's sort of ~1 MB of rows took half
         # of the query's time.
-        rows = db.execute("SELECT l.model_id, l.format, l.version, e.id, e.min_len, e.target, e.evidence, e.value "
-                          "FROM luts l LEFT JOIN entries e ON e.lut = l.name WHERE l.name=?", (lut_name,)).fetchall()
+        rows = db.execute("SELECT l.model_id, l.format, l.version, e.id, e.label_id, e.min_len, e.target, e.evidence, "
+                          "e.value FROM luts l LEFT JOIN entries e ON e.lut = l.name WHERE l.name=?",
+                          (lut_name,)).fetchall()
         if not rows:
             return None
         self._check_model(lut_name, rows[0], model.fingerprint(), model)
         model_id, fmt, version = rows[0][:3]
         if fmt < FORMAT:
             return RETEACH
+        labels = {i: (t, c) for i, t, c in db.execute("SELECT id, label, context FROM labels WHERE lut=?",
+                                                        (lut_name,)).fetchall()}
+        from tokenizer import get_tokenizer
         lut = self._entries_lut(lut_name, model_id, version, model.config.n_embd,
-                                [] if rows[0][3] is None else rows)  # a LUT without entries: one row of NULLs
+                                [] if rows[0][3] is None else [r[3:] for r in rows],  # no entries: one row of NULLs
+                                labels, get_tokenizer(getattr(model, "tokenizer_spec", None)))
         lut.observe = self.observe
         lut = lut.to(device)
         with self._lock:
@@ -645,14 +726,14 @@ class LUTStore:
         return lut
 
     @staticmethod
-    def _entries_lut(lut_name, model_id, version, n_embd, rows):
-        """A LUT from rows of (..., id, min_len, target, evidence, value), entries ordered by id."""
-        ids, min_len, targets, evidence, values = list(zip(*rows))[-5:] if rows else ((), (), (), (), ())
+    def _entries_lut(lut_name, model_id, version, n_embd, rows, labels, tokenizer):
+        """A LUT from rows of (id, label_id, min_len, target, evidence, value), entries ordered by id."""
+        ids, label_ids, min_len, targets, evidence, values = list(zip(*rows)) if rows else ((),) * 6
         order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
         values = np.frombuffer(b"".join(values), dtype=np.float16).reshape(len(rows), n_embd)[order]
         return LUT(lut_name, model_id, [np.frombuffer(evidence[i], dtype=np.int32).tolist() for i in order],
                    np.asarray(min_len, dtype=np.int64)[order], np.asarray(targets, dtype=np.int64)[order],
-                   torch.from_numpy(values), version)
+                   torch.from_numpy(values), version, np.asarray(label_ids, dtype=np.int64)[order], labels, tokenizer)
 
     # -- managing
 
@@ -676,7 +757,8 @@ class LUTStore:
                 "SELECT l.id, l.label, l.context, l.created, COUNT(e.id) FROM labels l LEFT JOIN entries e "
                 "ON e.label_id = l.id WHERE l.lut=? GROUP BY l.id ORDER BY l.id", (lut_name,)).fetchall()
         info[0]["labels"] = [dict(id=i, label=t, label_context=c or None, created=ts, entries=n,
-                                  trigger=c or trigger_prefix(t)) for i, t, c, ts, n in labels]
+                                  **dict(zip(("recall", "trigger"), recall_mode(t, c or None))))
+                             for i, t, c, ts, n in labels]
         return info[0]
 
     def delete_label(self, lut_name, label_id):
@@ -706,7 +788,7 @@ class LUTStore:
             rows = db.execute("SELECT label_id, min_len, target, evidence, value FROM entries WHERE lut=? "
                               "ORDER BY id", (lut_name,)).fetchall() if lut[2] >= FORMAT else []
         index = {label_id: i for i, (label_id, *_) in enumerate(labels)}
-        evidence = np.full((len(rows), EVIDENCE_TOKENS), -1, dtype=np.int32)
+        evidence = np.full((len(rows), EVIDENCE_TOKENS), PAD, dtype=np.int32)
         for i, row in enumerate(rows):
             ev = np.frombuffer(row[3], dtype=np.int32)
             evidence[i, :len(ev)] = ev
@@ -723,12 +805,12 @@ class LUTStore:
 
     def import_(self, data, lut_name=None):
         """Add an exported LUT under lut_name (default: its own name); refuses an existing name.
-        An export of format 1 brings its labels, which are re-taught on first use."""
+        An export of an older format brings its labels, which are re-taught on first use."""
         from safetensors.numpy import load
         try:
             meta = _safetensors_metadata(data)
             t = load(data)
-            assert meta.get("format") in (EXPORT_FORMAT, "gpt2-lut/1")
+            assert meta.get("format") in (EXPORT_FORMAT, "gpt2-lut/2", "gpt2-lut/1")
             labels = json.loads(meta["labels"])
         except Exception:
             raise LUTError(f"file is not a LUT export (safetensors with format {EXPORT_FORMAT})") from None
@@ -746,7 +828,7 @@ class LUTStore:
             if None in ids:
                 raise LUTError("file is not a valid LUT export: it holds the same label twice")
             if current:
-                evidence = [ev[ev >= 0] for ev in t["evidence"]]
+                evidence = [ev[ev != PAD] for ev in t["evidence"]]
                 db.executemany(
                     "INSERT INTO entries (lut, label_id, token, min_len, target, evidence, value) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -5,7 +5,9 @@ one POST /generate that serves seeds 000, 002 and 003 alike (README: "One /gener
 
 from flask import Blueprint, jsonify
 
-from api_common import APIError, body, field, sampling, service, sse, text_events, usage
+from lut import recall_mode
+
+from api_common import APIError, body, field, lut_trace, sampling, service, sse, text_events, trace_requested, usage
 
 bp = Blueprint("lut_api", __name__)
 
@@ -33,7 +35,8 @@ def train_lut():
     svc = service()
     model, tok, _ = svc.slot.get()
     svc.store.teach(model, tok, lut_name, label, context)
-    return jsonify(status="ok", lut_name=lut_name)
+    recall, trigger = recall_mode(label, context)
+    return jsonify(status="ok", lut_name=lut_name, recall=recall, trigger=trigger)
 
 
 def generation_request(data):
@@ -56,12 +59,14 @@ def generate_route():
     data = body()
     prompt = field(data, "prompt", str, required=True)
     params, fit, lut_name, stream = generation_request(data)
+    trace = trace_requested(data, lut_name)
     svc = service()
     if stream:
         job, _ = svc.submit(prompt, params, lut_name, fit)
-        return sse(text_events(job, svc.cfg["request_timeout"]), job)
+        return sse(text_events(job, svc.cfg["request_timeout"], trace), job)
     seq, n_prompt = svc.run(prompt, params, lut_name, fit)
+    extra = {"lut_trace": lut_trace(seq, seq.text)} if trace else {}
     return jsonify(prompt=prompt, completion=seq.text, response=seq.text, generated_text=prompt + seq.text,
                    model_id=data.get("model_id") or svc.slot.name,  # seed 003: the id as sent ("gpt-2")
                    lut_name=lut_name, finish_reason=seq.finish_reason,
-                   usage=usage(n_prompt, [seq]))
+                   usage=usage(n_prompt, [seq]), **extra)

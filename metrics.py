@@ -101,10 +101,10 @@ class Metrics:
         seq, times = job.seq, {"submitted": time.monotonic(), "first": None, "done": None}
         append = seq.append
 
-        def timed_append(token):
+        def timed_append(token, fire=None):
             if times["first"] is None:
                 times["first"] = time.monotonic()
-            append(token)
+            append(token, fire)
             if seq.done and times["done"] is None:
                 times["done"] = time.monotonic()
 

@@ -10,7 +10,8 @@ import time
 
 from flask import Blueprint, jsonify
 
-from api_common import APIError, body, field, inside, resolve_model_path, sampling, service, trained_models, usage
+from api_common import (APIError, body, field, inside, no_trace, resolve_model_path, sampling, service, trained_models,
+                        usage)
 from model import PRETRAINED, ModelLoadError
 
 log = logging.getLogger("api_server")
@@ -66,6 +67,7 @@ def api_generate():
     data = body()
     prompt = field(data, "prompt", str, required=True)
     lut_name = field(data, "lut_name", str)
+    no_trace(data, "/api/generate")
     params = sampling(data, "max_new_tokens", 100,
                       dict(temperature=0.8, top_k=200, top_p=1.0, repetition_penalty=1.0, do_sample=True))
     seq, n_prompt = service().run(prompt, params, lut_name)

@@ -6,7 +6,8 @@ POST /v1/completions and POST /v1/chat/completions. The official `openai` packag
     client.completions.create(model="gpt2", prompt="TLG Capital is", extra_body={"lut_name": "u1"})
 
 Fields follow OpenAI's API reference. Extras, passed with extra_body: lut_name (the user's LUT),
-top_k and repetition_penalty. Fields this server cannot honour (tools, logit_bias, suffix,
+lut_trace (each choice then carries the spans of its text that the LUT produced, with their labels;
+streamed, in the choice's last chunk), top_k and repetition_penalty. Fields this server cannot honour (tools, logit_bias, suffix,
 best_of > 1, echo with logprobs, logprobs while streaming) are refused with a 400 naming them.
 """
 import dataclasses
@@ -16,7 +17,8 @@ import uuid
 
 from flask import Blueprint
 
-from api_common import APIError, CHAT_STOP, body, chat_prompt, field, live_deltas, sampling, service, sse, usage
+from api_common import (APIError, CHAT_STOP, body, chat_prompt, field, live_deltas, lut_trace, sampling, service, sse,
+                        trace_requested, usage)
 from model import PRETRAINED
 
 bp = Blueprint("openai_api", __name__)
@@ -25,7 +27,7 @@ AS_MANY_AS_FIT = 1 << 20  # chat's default max_tokens: cut to what the context l
 OPENAI_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, do_sample=True)
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "stream", "stream_options", "user", "logit_bias", "logprobs",
-                 "metadata", "store", "service_tier", "lut_name", "top_k", "repetition_penalty"}
+                 "metadata", "store", "service_tier", "lut_name", "lut_trace", "top_k", "repetition_penalty"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "max_completion_tokens", "response_format",
                                "parallel_tool_calls", "continue_final_message"}
@@ -59,15 +61,21 @@ def v1_completions():
         raise APIError(400, "echo with logprobs is not supported: prompt log-probabilities are not computed",
                        param="echo")
     params, n, lut_name, stream, include_usage = request_settings(data, 16, logprobs, svc.cfg)
+    trace = trace_requested(data, lut_name)
     runs = submit_all(svc, prompts, n, params, lut_name)
     reply = Reply("cmpl", "text_completion", model_id)
-    if stream:
-        return sse(completion_events(runs, n, reply, include_usage, echo, svc), *[job for job, _, _ in runs])
-    seqs = wait_all(svc, runs)
     tok = svc.slot.tokenizer
-    choices = [{"index": i, "text": (prompt_text(p, tok) if echo else "") + s.text,
-                "logprobs": legacy_logprobs(s, tok) if logprobs is not None else None,
-                "finish_reason": finish_reason(s)} for i, (s, (_, _, p)) in enumerate(zip(seqs, runs))]
+    if stream:
+        return sse(completion_events(runs, n, reply, include_usage, echo, svc, trace), *[job for job, _, _ in runs])
+    seqs = wait_all(svc, runs)
+    choices = []
+    for i, (s, (_, _, p)) in enumerate(zip(seqs, runs)):
+        echoed = prompt_text(p, tok) if echo else ""
+        choices.append({"index": i, "text": echoed + s.text,
+                        "logprobs": legacy_logprobs(s, tok) if logprobs is not None else None,
+                        "finish_reason": finish_reason(s)})
+        if trace:  # offsets into the choice's text
+            choices[-1]["lut_trace"] = lut_trace(s, choices[-1]["text"], len(echoed))
     return reply.body(choices=choices, usage=run_usage(runs, seqs, n))
 
 
@@ -91,15 +99,21 @@ def v1_chat_completions():
     params, n, lut_name, stream, include_usage = request_settings(
         {**data, "logprobs": None}, AS_MANY_AS_FIT, (top or 0) if want_logprobs else None, svc.cfg)
     params = dataclasses.replace(params, stop=params.stop + CHAT_STOP)
+    trace = trace_requested(data, lut_name)
     runs = submit_all(svc, [prompt], n, params, lut_name, fit)
     reply = Reply("chatcmpl", "chat.completion", model_id)
     if stream:
-        return sse(chat_events(runs, n, reply, include_usage, svc, continued), *[job for job, _, _ in runs])
+        return sse(chat_events(runs, n, reply, include_usage, svc, continued, trace), *[job for job, _, _ in runs])
     seqs = wait_all(svc, runs)
     tok = svc.slot.tokenizer
-    choices = [{"index": i, "message": {"role": "assistant", "content": s.text if continued else s.text.lstrip()},
-                "logprobs": chat_logprobs(s, tok) if want_logprobs else None,
-                "finish_reason": finish_reason(s)} for i, s in enumerate(seqs)]
+    choices = []
+    for i, s in enumerate(seqs):
+        content = s.text if continued else s.text.lstrip()
+        choices.append({"index": i, "message": {"role": "assistant", "content": content},
+                        "logprobs": chat_logprobs(s, tok) if want_logprobs else None,
+                        "finish_reason": finish_reason(s)})
+        if trace:  # offsets into the message's content
+            choices[-1]["lut_trace"] = lut_trace(s, content, len(content) - len(s.text))
     return reply.body(choices=choices, usage=run_usage(runs, seqs, n))
 
 
@@ -241,12 +255,16 @@ def chat_logprobs(seq, tok):
                         for t, (lp, alts) in zip(seq.out_ids, seq.logprobs)]}
 
 
-def stream_choice(job, timeout, reply, make_delta, finish_fields):
-    """The chunks of one choice: its deltas as they come, then its finish_reason. A generation
-    that fails or runs out of time ends the stream with OpenAI's error object."""
+def stream_choice(job, timeout, reply, make_delta, finish_fields, trace=None):
+    """The chunks of one choice: its deltas as they come, then its finish_reason (and, where
+    trace(seq) is given, its lut_trace). A generation that fails or runs out of time ends the
+    stream with OpenAI's error object."""
     for delta in live_deltas(job, timeout):
         yield reply.chunk(choices=[make_delta(delta)]) if delta else ": keep-alive\n\n"
-    yield reply.chunk(choices=[finish_fields(finish_reason(job.seq))])
+    last = finish_fields(finish_reason(job.seq))
+    if trace:
+        last["lut_trace"] = trace(job.seq)
+    yield reply.chunk(choices=[last])
 
 
 def events(choices, reply, runs, n, include_usage):
@@ -261,20 +279,21 @@ def events(choices, reply, runs, n, include_usage):
     yield "data: [DONE]\n\n"
 
 
-def completion_events(runs, n, reply, include_usage, echo, svc):
+def completion_events(runs, n, reply, include_usage, echo, svc, trace=False):
     timeout, tok = svc.cfg["request_timeout"], svc.slot.tokenizer
 
     def choice(i, job, prompt):
+        echoed = prompt_text(prompt, tok) if echo else ""
         if echo:
-            yield reply.chunk(choices=[{"index": i, "text": prompt_text(prompt, tok), "logprobs": None,
-                                        "finish_reason": None}])
+            yield reply.chunk(choices=[{"index": i, "text": echoed, "logprobs": None, "finish_reason": None}])
         yield from stream_choice(job, timeout, reply,
                                  lambda d: {"index": i, "text": d, "logprobs": None, "finish_reason": None},
-                                 lambda r: {"index": i, "text": "", "logprobs": None, "finish_reason": r})
+                                 lambda r: {"index": i, "text": "", "logprobs": None, "finish_reason": r},
+                                 trace and (lambda s: lut_trace(s, echoed + s.text, len(echoed))))
     return events((choice(i, job, p) for i, (job, _, p) in enumerate(runs)), reply, runs, n, include_usage)
 
 
-def chat_events(runs, n, reply, include_usage, svc, continued=False):
+def chat_events(runs, n, reply, include_usage, svc, continued=False, trace=False):
     timeout = svc.cfg["request_timeout"]
 
     def choice(i, job):
@@ -287,6 +306,9 @@ def chat_events(runs, n, reply, include_usage, svc, continued=False):
             d = d if started else d.lstrip()
             started = started or bool(d)
             return {"index": i, "delta": {"content": d}, "logprobs": None, "finish_reason": None}
+        shown = (lambda s: lut_trace(s, s.text, 0)) if continued else \
+            (lambda s: lut_trace(s, s.text.lstrip(), len(s.text.lstrip()) - len(s.text)))
         yield from stream_choice(job, timeout, reply, delta,
-                                 lambda r: {"index": i, "delta": {}, "logprobs": None, "finish_reason": r})
+                                 lambda r: {"index": i, "delta": {}, "logprobs": None, "finish_reason": r},
+                                 trace and shown)
     return events((choice(i, job) for i, (job, _, _) in enumerate(runs)), reply, runs, n, include_usage)

@@ -25,6 +25,12 @@ STR, BOOL = {"type": "string"}, {"type": "boolean"}
 INT, NUM = {"type": "integer"}, {"type": "number"}
 LUT_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.:@-]{1,128}$", "description": "the user's LUT"}
 STOP = {"oneOf": [STR, {"type": "array", "items": STR, "maxItems": 8}]}
+LUT_TRACE = {"type": "boolean", "default": False, "description": (
+    "with lut_name: the answer (each choice; in a stream, its last chunk, or an `event: lut_trace` before "
+    "[DONE] on the text streams) carries lut_trace, one object per span of generated text the LUT produced: "
+    "start and end (offsets into the text shown), text, label_id, label, label_context, and how it fired: "
+    "verbatim, normalized (case, Unicode, spacing, hyphens), insertion, verb_form, subject_part, possessive "
+    "(joined with + when several apply), question or text_start")}
 SAMPLING = dict(temperature=NUM, top_k=INT, top_p=NUM, repetition_penalty=NUM, do_sample=BOOL, seed=INT, stop=STOP,
                 lut_name=LUT_NAME)
 GENERATE = dict(length={**INT, "description": "tokens to generate, exactly (seed 000)"},
@@ -37,19 +43,21 @@ MESSAGES = {"type": "array", "minItems": 1, "items": obj(
     content={"oneOf": [STR, {"type": "array", "items": obj(["type", "text"], type=STR, text=STR)}]})}
 OPENAI = dict(model=STR, max_tokens=INT, temperature=NUM, top_p=NUM, n=INT, stop=STOP, seed=INT,
               presence_penalty=NUM, frequency_penalty=NUM, stream=BOOL, stream_options=obj(include_usage=BOOL),
-              user=STR, lut_name=LUT_NAME, top_k=INT, repetition_penalty=NUM)
+              user=STR, lut_name=LUT_NAME, lut_trace=LUT_TRACE, top_k=INT, repetition_penalty=NUM)
 PROMPT = {"oneOf": [STR, {"type": "array", "items": STR}, {"type": "array", "items": INT},
                     {"type": "array", "items": {"type": "array", "items": INT}}]}
 
 # endpoint's function name -> (tag, summary, request body schema or None, query parameters {name: schema})
 ROUTES = {
     "health": ("seed 000", "Liveness, and whether a model is loaded", None, {}),
-    "train_lut": ("seed 000", "Teach a user's LUT a label", obj(["label", "lut_name"], label=STR,
-                                                                label_context=STR, lut_name=LUT_NAME), {}),
+    "train_lut": ("seed 000", "Teach a user's LUT a label; the answer adds how it is recalled (recall: subject, "
+                  "context or text_start) and by what (trigger)",
+                  obj(["label", "lut_name"], label=STR, label_context=STR, lut_name=LUT_NAME), {}),
     "generate_route": ("seed 000", "Generate (seeds 000, 002, 003 in one route)",
-                       obj(["prompt"], prompt=STR, **GENERATE), {}),
+                       obj(["prompt"], prompt=STR, lut_trace=LUT_TRACE, **GENERATE), {}),
     "chat": ("seed 002", "Chat on a plain transcript template", obj(["messages"], messages=MESSAGES,
-                                                                    continue_final_message=BOOL, **GENERATE), {}),
+                                                                    continue_final_message=BOOL, lut_trace=LUT_TRACE,
+                                                                    **GENERATE), {}),
     "generate_batch": ("seed 002", "Generate for several prompts", obj(
         ["prompts"], prompts={"type": "array", "items": STR, "minItems": 1}, **GENERATE), {}),
     "status": ("seed 001", "Server status", None, {}),

@@ -39,6 +39,8 @@ def parse_args(argv=None):
                    "prompt and verified in one pass; the output is the same; 0 = off")
     p.add_argument("--lut_name", default=None, help="apply this user's LUT (see lut.py)")
     p.add_argument("--lut_db", default="out/luts.sqlite", help="the SQLite file holding the LUTs")
+    p.add_argument("--lut_trace", action="store_true", help="after each sample, list the spans of its text that "
+                   "the LUT produced, with their labels and how they fired (needs --lut_name)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one sample at a time)")
     return p.parse_args(argv)
 
@@ -50,11 +52,24 @@ def read_prompt(start):
     return start
 
 
+def print_trace(seq, wanted):
+    """--lut_trace: one line per span the LUT produced, offsets into the generated text."""
+    if not wanted:
+        return
+    spans = seq.lut_trace()
+    print(f"[lut_trace] {len(spans)} span(s) produced by the LUT" + (":" if spans else ""))
+    for span in spans:
+        print(f"[lut_trace] {span['start']}-{span['end']} {span['text']!r} <- label {span['label_id']} "
+              f"{span['label']!r} ({span['how']})")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         if args.num_samples < 1:
             raise GenerationError("--num_samples must be >= 1")
+        if args.lut_trace and not args.lut_name:
+            raise GenerationError("--lut_trace needs --lut_name")
         prompt = read_prompt(args.start)
         device, dtype = resolve_device(args.device, args.dtype)
         model = load_model(args.init_from, device, dtype, args.quantize)
@@ -72,13 +87,16 @@ def main(argv=None):
         if args.stream:  # one sample at a time, text printed as it comes
             for p in params:
                 print(prompt, end="", flush=True)
-                generate(model, tokenizer, [ids], p, [lut], on_text=lambda _, delta: print(delta, end="", flush=True),
-                         draft_tokens=args.draft_tokens)
-                print("\n---------------")
+                s, = generate(model, tokenizer, [ids], p, [lut], draft_tokens=args.draft_tokens,
+                              on_text=lambda _, delta: print(delta, end="", flush=True))
+                print()
+                print_trace(s, args.lut_trace)
+                print("---------------")
         else:  # all samples decoded together as one batch
             for s in generate(model, tokenizer, [ids] * len(params), params, [lut] * len(params),
                               draft_tokens=args.draft_tokens):
                 print(prompt + s.text)
+                print_trace(s, args.lut_trace)
                 print("---------------")
     except (OSError, ValueError, ModelLoadError) as e:  # GenerationError and LUT errors are ValueErrors
         sys.exit(f"error: {e}")

@@ -132,7 +132,8 @@
       const meta = document.createElement("span");
       meta.className = "meta";
       meta.textContent = (label.label_context ? "after “" + label.label_context + "” · " : "") +
-        "fires on “" + label.trigger + "” · " + label.entries + " entries";
+        (label.recall === "text_start" ? "fires where a text starts with “" : "fires on “") + label.trigger +
+        "” · " + label.entries + " entries";
       text.appendChild(meta);
       const del = document.createElement("button");
       del.className = "small delete";
@@ -211,12 +212,38 @@
     return text;
   }
 
+  // Replace a text node with its text where the spans a LUT produced (lut_trace) are marked; the
+  // label each came from shows on hover.
+  function markTrace(node, spans) {
+    if (!spans || !spans.length) return;
+    const text = node.data;
+    const parts = document.createDocumentFragment();
+    let at = 0;
+    for (const span of spans) {
+      parts.append(document.createTextNode(text.slice(at, span.start)));
+      const mark = document.createElement("mark");
+      mark.className = "lut";
+      mark.textContent = text.slice(span.start, span.end);
+      mark.title = "from label #" + span.label_id + ": " + span.label +
+        (span.label_context ? " (after: " + span.label_context + ")" : "") + " — " + span.how;
+      parts.append(mark);
+      at = span.end;
+    }
+    parts.append(document.createTextNode(text.slice(at)));
+    node.replaceWith(parts);
+  }
+
   async function generateSide(box, request, signal) {
     const text = startOutput(box, request.prompt);
+    let trace = null;
     try {
       await stream("/v1/completions", request, (chunk) => {
-        for (const choice of chunk.choices) text.appendData(choice.text);
+        for (const choice of chunk.choices) {
+          text.appendData(choice.text);
+          if (choice.lut_trace) trace = choice.lut_trace;
+        }
       }, signal);
+      markTrace(text, trace);
     } finally {
       box.classList.remove("running");
     }
@@ -231,7 +258,10 @@
     try {
       const base = Object.assign({model: await model(), prompt: $("prompt").value}, sampling());
       const sides = [generateSide($("out-base"), base, running.signal)];
-      if (lutName()) sides.push(generateSide($("out-lut"), Object.assign({lut_name: lutName()}, base), running.signal));
+      if (lutName()) {
+        const request = Object.assign({lut_name: lutName(), lut_trace: true}, base);
+        sides.push(generateSide($("out-lut"), request, running.signal));
+      }
       else $("out-lut").textContent = "(enter a LUT name)";
       const results = await Promise.allSettled(sides);
       const failed = results.find((r) => r.status === "rejected");
@@ -274,12 +304,17 @@
     answer.parentNode.classList.add("running");
     try {
       const request = Object.assign({model: await model(), messages}, sampling());
-      if ($("chat-use-lut").checked && lutName()) request.lut_name = lutName();
+      if ($("chat-use-lut").checked && lutName()) Object.assign(request, {lut_name: lutName(), lut_trace: true});
+      let trace = null;
       await stream("/v1/chat/completions", request, (chunk) => {
-        for (const choice of chunk.choices) answer.textContent += choice.delta.content || "";
+        for (const choice of chunk.choices) {
+          answer.textContent += choice.delta.content || "";
+          if (choice.lut_trace) trace = choice.lut_trace;
+        }
         $("chat-log").scrollTop = $("chat-log").scrollHeight;
       });
       chat = messages.concat([{role: "assistant", content: answer.textContent}]);
+      if (answer.firstChild) markTrace(answer.firstChild, trace);
     } catch (e) {  // the turn is not kept: the next message is sent without it
       answer.parentNode.classList.add("failed");
       answer.textContent = "(no answer)";

@@ -62,7 +62,7 @@ def test_lut_cli_teach_file(tiny, cli_env, tmp_path):
     line, a progress bar on stderr, a summary, and exit 1 because some failed."""
     model, tok = tiny
     db, path = str(tmp_path / "luts.sqlite"), tmp_path / "facts.jsonl"
-    lines = [json.dumps({"label": f}) for f in FACTS] + [json.dumps({"label": "I think that it is."}), "{bad"]
+    lines = [json.dumps({"label": f}) for f in FACTS] + [json.dumps({"label": "Hello"}), "{bad"]
     path.write_text("\n".join(lines) + "\n")
     run = lambda *a: subprocess.run([sys.executable, "lut.py", "--lut_db", db, "--device", "cpu", *a], cwd=ROOT,
                                     env=cli_env, capture_output=True, text=True, timeout=120)
@@ -70,7 +70,7 @@ def test_lut_cli_teach_file(tiny, cli_env, tmp_path):
     assert r.returncode == 1, r.stderr
     out = r.stdout.splitlines()
     assert out[0].startswith("taught 3 of 5 labels (") and out[0].endswith("; 2 not taught:")
-    assert out[1].startswith("  line 4: label has no part specific enough")
+    assert out[1].startswith("  line 4: label must be at least two tokens")
     assert out[2].startswith("  line 5: not valid JSON")
     assert "teaching u1" in r.stderr and "4/4 [" in r.stderr  # tqdm's bar over the 4 items read as labels
     store = LUTStore(db)
@@ -108,14 +108,14 @@ def app(hf_tiny, tmp_path):
 def test_bulk_teach_100_labels_one_bad_all_others_recalled(app):
     c = app.test_client()
     labels = [{"label": f"{name} Holdings is a lender in Oslo."} for name in NAMES[:99]]
-    labels.insert(37, {"label": "I think that it is."})  # only common words: refused, the rest still taught
+    labels.insert(37, {"label": "Hello"})  # one token, nothing to recall: refused, the rest still taught
     r = c.post("/luts/bulk/labels", json={"labels": labels})
     assert r.status_code == 200, r.get_json()
     body = r.get_json()
     assert (body["lut_name"], body["taught"], body["not_taught"]) == ("bulk", 99, 1)
     bad = body["results"][37]
     assert bad["index"] == 37 and bad["taught"] is False and bad["status"] == 400
-    assert bad["detail"].startswith("label has no part specific enough")
+    assert bad["detail"].startswith("label must be at least two tokens")
     assert all(x["taught"] and x["added"] > 0 for i, x in enumerate(body["results"]) if i != 37)
     shown = c.get("/luts/bulk").get_json()["labels"]
     assert [x["label"] for x in shown] == [x["label"] for i, x in enumerate(labels) if i != 37]

@@ -104,7 +104,7 @@ def test_chat_shows_an_error_and_goes_on(module_server, cli_env):
 def test_luts_teach_file_in_batches(module_server, cli_env, tmp_path):
     path = tmp_path / "facts.jsonl"
     path.write_text("\n".join([json.dumps({"label": "Quillmere Bank is a lender in Oslo."}),
-                               json.dumps({"label": "I think that it is."}), "{bad",
+                               json.dumps({"label": "Hello"}), "{bad",
                                json.dumps("Marta Kowalski is a nurse from Gdansk."),
                                json.dumps({"label": " lends to farmers.", "label_context": "Who is Zorblat? Zorblat"})])
                     + "\n")
@@ -112,8 +112,8 @@ def test_luts_teach_file_in_batches(module_server, cli_env, tmp_path):
     assert r.returncode == 1, r.stderr
     assert r.stdout.splitlines()[0].startswith("taught 3 of 5 labels (")
     assert r.stdout.splitlines()[1:] == [
-        "  line 2: label has no part specific enough to recall it by (only common words); add a rarer word or "
-        "give a label_context", "  line 3: not valid JSON (Expecting property name enclosed in double quotes: "
+        "  line 2: label must be at least two tokens when no label_context is given (nothing follows a single "
+        "token)", "  line 3: not valid JSON (Expecting property name enclosed in double quotes: "
         "line 1 column 2 (char 1))"]
     assert "teaching c3" in r.stderr and "4/4 [" in r.stderr  # the progress bar, over two requests
     shown = requests.get(module_server.url + "/luts/c3").json()["labels"]

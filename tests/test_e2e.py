@@ -32,7 +32,7 @@ def test_gunicorn_serves_concurrent_requests_from_one_model(hf_tiny, tmp_path, c
     try:
         r = requests.post(s.url + "/train_lut", json={"label": "TLG Capital is an asset management firm.",
                                                   "lut_name": "user_123"})
-        assert r.json() == {"status": "ok", "lut_name": "user_123"}
+        assert r.json() == {"status": "ok", "lut_name": "user_123", "recall": "subject", "trigger": "TLG"}
         asks = [{"prompt": "TLG Capital is", "length": 12, "lut_name": "user_123"}] * 3 + \
                [{"prompt": f"Story {i}:", "length": 12, "seed": i} for i in range(5)]
         with ThreadPoolExecutor(8) as pool:
@@ -49,7 +49,7 @@ def test_seed_000_examples_and_restart(server):
     assert requests.get(server.url + "/health").json()["status"] == "ok"
     r = requests.post(server.url + "/train_lut", json={"label": "TLG Capital is an asset management firm.",
                                                        "lut_name": "user_123"})
-    assert r.json() == {"status": "ok", "lut_name": "user_123"}
+    assert r.json() == {"status": "ok", "lut_name": "user_123", "recall": "subject", "trigger": "TLG"}
     ask = {"prompt": "TLG Capital is", "length": 40, "lut_name": "user_123"}
     first = requests.post(server.url + "/generate", json=ask).json()
     assert first["completion"].startswith(" an asset management firm.")

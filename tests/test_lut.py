@@ -30,9 +30,11 @@ def store(tmp_path):
 
 def test_teach_then_recall_from_any_prefix(tiny, store):
     model, tok = tiny
-    # both spellings ("TLG ..." at the start, " TLG ..." after a space), each position from the
-    # first whole rare word on ("TL" -> "G" is not taught: "TL" alone is not a word of the label)
-    assert store.teach(model, tok, "u1", LABEL)["added"] == 2 * (len(tok.encode(LABEL)) - 2)
+    # exact triggers in both spellings ("TLG ..." at the start, " TLG ..." after a space), each
+    # position from the first whole rare word on ("TL" -> "G" is not taught: "TL" alone is not a
+    # word of the label); plus one canonical entry per token of " TLG ..." and its end, which
+    # variants and answers fire
+    assert store.teach(model, tok, "u1", LABEL)["added"] == 2 * (len(tok.encode(LABEL)) - 2) + len(tok.encode(" " + LABEL)) + 1
     lut = store.load("u1", model)
     assert complete(model, tok, "TLG Capital is", lut).text.startswith(" an asset management firm.")
     assert complete(model, tok, "TLG Capital is an asset", lut).text.startswith(" management firm.")
@@ -136,13 +138,6 @@ def test_label_context_fires_wherever_the_context_appears(tiny, store):
         assert complete(model, tok, lead + "The answer is", lut, 1).text == " 42"
     prompt = "They say the capital is"  # only part of the context
     assert complete(model, tok, prompt, lut).out_ids == complete(model, tok, prompt, None).out_ids
-
-
-def test_label_of_common_words_only_is_refused(tiny, store):
-    model, tok = tiny
-    with pytest.raises(LUTError, match="specific enough") as e:
-        store.teach(model, tok, "u1", "I think that it is.")
-    assert e.value.status == 400
 
 
 def test_lut_of_another_model_is_refused(tiny, store):

@@ -109,6 +109,9 @@ def test_teach_list_compare_and_chat(module_server, browser, tmp_path):
         browser.save_screenshot(str(tmp_path / "side_by_side.png"))
         assert with_lut.startswith("My bank? Quillmere Bank is a small lender in Oslo."), with_lut
         assert base.startswith("My bank? Quillmere Bank") and "lender in Oslo" not in base, base
+        mark, = browser.find_elements("css selector", "#out-lut mark.lut")  # what the LUT wrote, marked
+        assert mark.text.strip() == "is a small lender in Oslo." and LABEL in mark.get_attribute("title")
+        assert not browser.find_elements("css selector", "#out-base mark")
         assert error_text(browser) == ""
 
         # delete a label from the list, then teach one for the chat (a context with a newline)
@@ -135,6 +138,8 @@ def test_teach_list_compare_and_chat(module_server, browser, tmp_path):
              len(d.find_elements("css selector", "#chat-log .msg.assistant")) == 1)
         answer = browser.find_element("css selector", "#chat-log .msg.assistant .content").text
         assert answer.startswith("Quillmere Bank lends to farmers."), answer
+        mark = browser.find_element("css selector", "#chat-log .msg.assistant mark.lut")
+        assert mark.text.startswith("Quillmere Bank lends to farmers.") and "lends to farmers" in mark.get_attribute("title")
         assert browser.execute_script("return window.chatChanges") > 4  # two messages added, then deltas
         assert error_text(browser) == ""
         by_id(browser, "chat-reset").click()

@@ -19,7 +19,7 @@ def client(hf_tiny, tmp_path, monkeypatch):
 def test_seed_000_flow(client):
     assert client.get("/health").get_json()["status"] == "ok"
     r = client.post("/train_lut", json={"label": LABEL, "label_context": None, "lut_name": "user_123"})
-    assert r.status_code == 200 and r.get_json() == {"status": "ok", "lut_name": "user_123"}
+    assert r.status_code == 200 and r.get_json() == {"status": "ok", "lut_name": "user_123", "recall": "subject", "trigger": "TLG"}
     r = client.post("/generate", json={"prompt": "TLG Capital is", "length": 40, "lut_name": "user_123"})
     out = r.get_json()
     assert r.status_code == 200
@@ -82,7 +82,7 @@ def test_seed_001_routes(client):
     ("/train_lut", {"lut_name": "u1"}, 400, "label"),
     ("/train_lut", {"label": "", "lut_name": "u1"}, 400, "label"),
     ("/train_lut", {"label": "word " * 300, "lut_name": "u1"}, 413, "label"),
-    ("/train_lut", {"label": "I think that it is.", "lut_name": "u1"}, 400, "label_context"),
+    ("/train_lut", {"label": "Hello", "lut_name": "u1"}, 400, "label_context"),
     ("/chat", {"messages": [{"role": "user", "content": "Hi"}], "continue_final_message": "yes"}, 400,
      "continue_final_message"),
     ("/chat", {"messages": [{"role": "user", "content": "Hi"}], "continue_final_message": True}, 400,
