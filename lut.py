@@ -46,7 +46,7 @@ random weights as on the trained models, and random weights carry no meaning, so
 residuals or embeddings is noise there; on the trained models it mixes words that share spelling
 or position. The text rules keep what the exact triggers give (text without a named subject is
 bit-identical to the base model) and decide from words a reader can check. Measured with
-`bench/lut_eval.py --suite variants` (1,000 labels of four shapes, 24 held-out templates of eight
+`bench/lut_eval.py --suite variants` (1,000 labels of four shapes, 23 held-out templates of eight
 kinds, 2,400 sentences that name a subject and go elsewhere) on the 124M shape with random weights
 and both trained models: docs/lut.md has the figures; in short, every kind recalled at >= 99%,
 hijacks 0, a reworded relation ("is known as" for "is") 0% (no target: it is not a variant).

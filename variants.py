@@ -228,17 +228,21 @@ class Form:
             ends = [m.end() for m in WORD_RE.finditer(self.norm)]
             self.start_at = ends[min(START_WORDS, len(ends)) - 1] if ends else len(self.norm)
             return
-        subject = normalize(lead + trig + _name_tail(lesson[len(trig):]))
-        if not self.norm.startswith(subject):  # normalisation moved the subject's end: exact recall only
+        subject = trig + _name_tail(lesson[len(trig):])
+        # the linking verb: right after the subject's name, else within a few words of it ("the wifi
+        # password" + " at Quillmere House" + " is"); a verb is a word written in lower case
+        for m in [None] + list(re.finditer(r" ([a-z][\w']*)", lesson[len(subject):]))[:LINK_WITHIN]:
+            end = len(subject) + (m.start() if m else 0)
+            link, forms = link_of(normalize(lesson[end:]))
+            if link and (m or re.match(r"\s*'?[a-z]", lesson[end:])):
+                subject = lesson[:end]
+                break
+        else:
+            link, forms = None, []
+        self.subj_end = len(normalize(lead + subject))
+        if not self.norm.startswith(normalize(lead + subject)):  # normalisation moved its end: exact recall only
             return
-        self.subj_end = len(subject)
-        self.link, self.forms = link_of(self.norm[self.subj_end:])
-        if not self.link:  # "the wifi password" + " at quillmere house" + " is": the verb ends the subject
-            for m in list(_WORDS.finditer(self.norm, self.subj_end))[:LINK_WITHIN]:
-                link, forms = link_of(self.norm[m.start() - 1:])
-                if link and self.norm[m.start() - 1] == " ":
-                    self.subj_end, self.link, self.forms = m.start() - 1, link, forms
-                    break
+        self.link, self.forms = link, forms
         self.subject = self.norm[:self.subj_end].strip()
         self.link_end = self.subj_end + len(self.link) if self.link else None
         self.anchors = [(self.subject, self.subj_end)] + [a for a in _rare_spans(self.norm, self.subj_end)

@@ -5,6 +5,8 @@ to end through a live server and the official `openai` package.
 The prompts here are the ones the mechanism was tuned on; bench/lut_eval.py --variants scores
 a separate list (bench/variant_templates.py) that these never share."""
 import json
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -12,7 +14,7 @@ import requests
 import torch
 
 from api_common import chat_prompt
-from conftest import Server, script_env
+from conftest import ROOT, Server, script_env
 from generate import SamplingParams, generate
 from lut import LUTBatch, LUTStore, recall_mode
 from variants import normalize
@@ -252,3 +254,23 @@ def test_a_label_after_its_context_is_recalled_through_variants_of_the_context(t
     assert [s.text.startswith(" hunter2") for s in seqs[:2]] == [True, True]
     assert seqs[2].text == " The wifi password at Quillmere House is hunter2"
     assert seqs[3].lut_fires == [] and seqs[4].lut_fires == []  # the context itself is the user's to write
+
+
+def test_sample_py_prints_the_trace(tiny, cli_env, tmp_path):
+    model, tok = tiny
+    db = str(tmp_path / "luts.sqlite")
+    store = LUTStore(db)
+    store.teach(model, tok, "u1", FACT)
+    store.close()
+    run = lambda *a: subprocess.run([sys.executable, "sample.py", "--lut_name", "u1", "--lut_db", db, "--greedy",
+                                     "--max_new_tokens", "8", "--device", "cpu", *a], cwd=ROOT, env=cli_env,
+                                    capture_output=True, text=True, timeout=120)
+    for extra in ([], ["--stream"]):
+        r = run("--start", "ALICE KOWALSKI WAS A", "--lut_trace", *extra)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith("ALICE KOWALSKI WAS A nurse from Gdansk.")
+        assert lines[1] == "[lut_trace] 1 span(s) produced by the LUT:"
+        assert lines[2] == f"[lut_trace] 0-19 ' nurse from Gdansk.' <- label 1 '{FACT}' (verb_form)", lines
+    r = run("--start", "x", "--lut_trace", "--lut_name", "")
+    assert r.returncode == 1 and "--lut_trace needs --lut_name" in r.stderr
