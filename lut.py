@@ -220,12 +220,6 @@ class LUT:
         form, k, how = found
         return self.canonical[(form.id, k)], how
 
-    def lookups(self, tokens, positions, memo=None):
-        """lookup() at each of `positions` (ascending), the text read once where no variant can fire."""
-        if self.variants is None or self.variants.quiet(tokens, positions[0], positions[-1], memo):
-            return [(e, "verbatim" if e >= 0 else None) for e in (self.match(tokens, t) for t in positions)]
-        return [self.lookup(tokens, t, memo) for t in positions]
-
     def label_of(self, entry):
         """(label id, label, label_context) of an entry."""
         label_id = int(self.label_ids[entry])
@@ -278,8 +272,11 @@ class LUTBatch:
                 continue
             n = len(tokens)
             start = n - window[r]
-            positions = [n - 1] if last_only else range(start, n)
-            for t, (e, how) in zip(positions, lut.lookups(tokens, positions, memos[r] if memos else None)):
+            first = n - 1 if last_only else start
+            memo = memos[r] if memos else None
+            exact_only = lut.variants is None or lut.variants.quiet(tokens, first, n - 1, memo)
+            for t in range(first, n):
+                e, how = (lut.match(tokens, t), "verbatim") if exact_only else lut.lookup(tokens, t, memo)
                 if e >= 0:
                     _, rows, positions, entries = found.setdefault(id(lut), (lut, [], [], []))
                     rows.append(r)
