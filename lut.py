@@ -48,8 +48,9 @@ or position. The text rules keep what the exact triggers give (text without a na
 bit-identical to the base model) and decide from words a reader can check. Measured with
 `bench/lut_eval.py --suite variants` (1,000 labels of four shapes, 23 held-out templates of eight
 kinds, 2,400 sentences that name a subject and go elsewhere) on the 124M shape with random weights
-and both trained models: docs/lut.md has the figures; in short, every kind recalled at >= 99%,
-hijacks 0, a reworded relation ("is known as" for "is") 0% (no target: it is not a variant).
+and both trained models: docs/lut.md has the figures; in short, every kind recalled at 100% on
+all three, 0 hijacks in 2,400 sentences, a reworded relation ("is known as" for "is") 0% (no
+target: it is not a variant).
 
 Why exact triggers rather than residual keys for the verbatim path: a key read from the residual
 after block 2n/3-1, gated on the token, with a radius of half the distance to unrelated filler

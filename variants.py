@@ -354,13 +354,22 @@ class Variants:
                     if ids:
                         self.spellings.add(ids)
                         self.lengths[ids[-1]].add(len(ids))
+        # the last two tokens of each: a character vocabulary ends most words in a letter every
+        # text has, but seldom in the same two
+        self.pairs = {ids[-2:] for ids in self.spellings if len(ids) > 1}
 
     def _ends(self, tokens, lo, end):
         """Positions in [lo, end) where a spelling of an anchor's last word ends."""
         if self.lengths.keys().isdisjoint(tokens[lo:end]):  # the usual case, decided in C
             return []
-        return [i for i in range(lo, end) for n in self.lengths.get(tokens[i], ())
-                if i + 1 >= n and tuple(tokens[i + 1 - n:i + 1]) in self.spellings]
+        found = []
+        for i in range(lo, end):
+            lengths = self.lengths.get(tokens[i])
+            if lengths is None or (1 not in lengths and (i == 0 or (tokens[i - 1], tokens[i]) not in self.pairs)):
+                continue
+            if any(i + 1 >= n and tuple(tokens[i + 1 - n:i + 1]) in self.spellings for n in lengths):
+                found.append(i)
+        return found
 
     def _named(self, tokens, lo, end, memo):
         """Whether tokens[lo:end] name a subject (an anchor's last word in some spelling). memo (a
@@ -369,20 +378,26 @@ class Variants:
         this runs for every row at every step."""
         if memo is None:
             return bool(self._ends(tokens, lo, end))
-        stable = min(memo["stable"], end)
+        stable = memo["stable"]
+        if stable > end:
+            stable = end
         scanned = memo.get("scanned", 0)
         if scanned < stable:
-            found = self._ends(tokens, max(scanned, lo), stable)
-            if found:
-                memo["last"] = found[-1]
+            for i in range(max(scanned, lo), stable):  # most often the one new token
+                if tokens[i] in self.lengths and self._ends(tokens, i, i + 1):
+                    memo["last"] = i
             memo["scanned"] = stable
-        return memo.get("last", -1) >= lo or bool(self._ends(tokens, max(lo, stable), end))
+        if memo.get("last", -1) >= lo:
+            return True
+        return stable < end and bool(self._ends(tokens, max(lo, stable), end))
 
     def quiet(self, tokens, first, last, memo=None):
         """Whether no variant can fire at any position from first to last: no subject named in
         their windows, none of them near the start of a label of common words."""
         lo = first + 1 - WINDOW if first >= WINDOW else 0
-        return not (lo == 0 and first < self.start_limit) and not self._named(tokens, lo, last + 1, memo)
+        if lo == 0 and first < self.start_limit:
+            return False
+        return not self._named(tokens, lo, last + 1, memo)
 
     def read(self, tokens, t, memo=None):
         """The text up to position t as variants see it, or None when no label could apply."""
