@@ -265,8 +265,8 @@ class LUTBatch:
 
     def __init__(self, row_luts, row_tokens, window, last_only=False, memos=None):
         """memos: per row, a dict kept with its sequence (see variants.Variants.read) or None."""
-        self.hits = []  # (rows, positions, values, taught next tokens)
-        self.fires = {}  # (row, position) -> (lut, entry, how): what the trace reports
+        self.hits = []  # (rows, positions, values) per LUT: what apply() adds
+        self.fires = {}  # (row, position) -> (lut, entry, how): the taught token and what the trace reports
         found = {}  # id(lut) -> (lut, rows, positions, entries)
         for r, (lut, tokens) in enumerate(zip(row_luts, row_tokens)):
             if lut is None or not len(lut):
@@ -287,30 +287,25 @@ class LUTBatch:
         for lut, rows, positions, entries in found.values():
             if lut.observe is not None:
                 lut.observe("fired", len(entries))
-            self.hits.append((torch.tensor(rows), torch.tensor(positions), lut.values[entries],
-                              torch.from_numpy(lut.targets[entries])))
+            self.hits.append((torch.tensor(rows), torch.tensor(positions), lut.values[entries]))
 
     def apply(self, x):
-        for rows, positions, values, _ in self.hits:
+        for rows, positions, values in self.hits:
             rows, positions = rows.to(x.device), positions.to(x.device)
             x = x.index_put((rows, positions), values.to(x.dtype), accumulate=True)
         return x
 
     @property
     def fired(self):
-        return sum(len(rows) for rows, *_ in self.hits)
+        return len(self.fires)
 
     def taught_at(self, positions):
         """positions: (B,) one position per row -> (B,) the taught next token where an entry fired
         there, -1 elsewhere (on the CPU); None when nothing fired."""
-        if not self.hits:
+        if not self.fires:
             return None
-        positions = positions.cpu()
-        taught = torch.full((positions.numel(),), -1, dtype=torch.long)
-        for rows, pos, _, targets in self.hits:
-            at = positions[rows] == pos
-            taught[rows[at]] = targets[at]
-        return taught
+        fires = self.fires_at(positions.tolist())
+        return torch.tensor([-1 if f is None else int(f[0].targets[f[1]]) for f in fires], dtype=torch.long)
 
     def fires_at(self, positions):
         """positions: one position per row -> per row, (lut, entry, how) where an entry fired there, else None."""

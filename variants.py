@@ -400,7 +400,8 @@ class Variants:
         return not self._named(tokens, lo, last + 1, memo)
 
     def read(self, tokens, t, memo=None):
-        """The text up to position t as variants see it, or None when no label could apply."""
+        """The text up to position t as variants see it, or None when no label could apply.
+        memo: see _named."""
         lo = t + 1 - WINDOW if t >= WINDOW else 0
         at_start = lo == 0 and t < self.start_limit
         if not at_start and not self._named(tokens, lo, t + 1, memo):
