@@ -1,11 +1,14 @@
 """
-API keys, per-key rate limits and the query history (seed 004), kept in the server's state
+API keys, per-key rate limits and the query history (the hosted API), kept in the server's state
 database (storage.py: a SQLite file, or PostgreSQL shared by every replica) next to the training jobs.
 
-Access control is off while no key exists (anyone may call, like seed 000's alpha) and on from
-the first key: then every route but /health, /public/models and the docs needs
-`Authorization: Bearer <key>`. A key is shown once, stored only as its SHA-256 (keys are 256
-random bits, so a fast hash suffices) and compared in constant time. A key may use the LUTs it
+Access control is off until the first key is created (anyone may call, like the LUT service API's alpha)
+and on from then for good: every route but /health, /public/models and the docs needs
+`Authorization: Bearer <key>`, even once every key is revoked, until an operator runs
+`python access.py reopen` on the server's machine. While access is open, the first key may be
+created only from the server's machine: POST /keys from the loopback interface, or this script.
+A key is shown once, stored only as its SHA-256 (keys are 256 random bits, so a fast hash
+suffices) and compared in constant time. A key may use the LUTs it
 is bound to (exact names, or prefixes ending in '*'); admin keys may use every LUT and alone may
 load models, start training and manage keys.
 
@@ -15,6 +18,7 @@ Keys from the shell, on the server's machine (also the way to make the first adm
     python access.py create --name acme --luts "acme-*" --rate_per_minute 120
     python access.py list
     python access.py revoke 2
+    python access.py reopen        # every key revoked: let requests without a key in again
 """
 import argparse
 import hashlib
@@ -28,8 +32,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ratelimit import LocalBuckets, RedisBuckets
-from storage import Database
+from server.ratelimit import LocalBuckets, RedisBuckets
+from storage import Database, Transaction
 
 # Versioned migrations (storage.Database.migrate); {id}, {real}: each engine's types.
 MIGRATIONS = ["""
@@ -61,9 +65,18 @@ CREATE TABLE IF NOT EXISTS query_history (
 );
 CREATE INDEX IF NOT EXISTS query_history_app ON query_history(app_id);
 CREATE INDEX IF NOT EXISTS query_history_key ON query_history(key_id);
+""", """
+-- One row while access control is on: written with the first key, in the database rather than in
+-- memory so that every replica sees it, and deleted only by `python access.py reopen`.
+CREATE TABLE IF NOT EXISTS access_closed (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    since {real} NOT NULL
+);
+-- a database that already holds keys stays closed, revoked or not
+INSERT INTO access_closed (id, since) SELECT 1, created FROM api_keys ORDER BY id LIMIT 1;
 """]
 KEY_PREFIX = "sk-gpt2-"
-LUT_PATTERN = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}\*?$")
+LUT_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{1,128}\*?")  # matched whole (fullmatch)
 
 
 class AccessError(Exception):
@@ -111,18 +124,20 @@ class Access:
             raise AccessError(400, "name must be a string of 1-128 characters")
         if not isinstance(admin, bool):
             raise AccessError(400, "admin must be true or false")
-        if not isinstance(luts, (list, tuple)) or not all(isinstance(p, str) and LUT_PATTERN.match(p) for p in luts):
+        if not isinstance(luts, (list, tuple)) or not all(isinstance(p, str) and LUT_PATTERN.fullmatch(p) for p in luts):
             raise AccessError(400, "luts must be a list of LUT names (letters, digits, _.:@-), each optionally "
                                    "ending in '*' to allow every LUT with that prefix")
         for field, value in (("rate_per_minute", rate_per_minute), ("burst", burst)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise AccessError(400, f"{field} must be an integer >= 1")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        with self._db() as db:
+        with Transaction(self.db) as db:  # the key and the closed flag together, or neither
             key_id = db.insert("INSERT INTO api_keys (name, key_hash, prefix, admin, luts, rate_per_minute, burst, "
                                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                (name, hash_key(secret), secret[:len(KEY_PREFIX) + 4], int(admin),
                                 json.dumps(list(luts)), rate_per_minute, burst, time.time()))
+            db.execute("INSERT INTO access_closed (id, since) VALUES (1, ?) ON CONFLICT (id) DO NOTHING",
+                       (time.time(),))
         return secret, self.get_key(key_id)
 
     def get_key(self, key_id):
@@ -146,8 +161,18 @@ class Access:
         return record
 
     def enabled(self):
+        """On from the first key until reopen(): revoking every key does not switch it off."""
         with self._db() as db:
-            return db.execute("SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1").fetchone() is not None
+            return db.execute("SELECT 1 FROM access_closed").fetchone() is not None
+
+    def reopen(self):
+        """Switch access control off: for the shell only (no route calls it). Refused while a key
+        is live, since requests without a key would then get past it."""
+        with Transaction(self.db) as db:
+            live = db.execute("SELECT COUNT(*) FROM api_keys WHERE revoked IS NULL").fetchone()[0]
+            if live:
+                raise AccessError(409, f"{live} API key(s) not revoked; revoke them first (python access.py list)")
+            return db.execute("DELETE FROM access_closed").rowcount > 0
 
     # ---- requests
 
@@ -164,7 +189,7 @@ class Access:
             row = db.execute("SELECT * FROM api_keys WHERE key_hash = ? AND revoked IS NULL", (digest,)).fetchone()
         if row is None or not hmac.compare_digest(row["key_hash"], digest):
             if not self.enabled():
-                return None  # no keys yet: any (or no) key is accepted
+                return None  # open: any (or no) key is accepted
             raise AccessError(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
         return Key(row["id"], row["name"], bool(row["admin"]), json.loads(row["luts"]),
                    row["rate_per_minute"] or self.rate_per_minute, row["burst"] or self.burst)
@@ -174,7 +199,7 @@ class Access:
         self.take(key.id, key.rate_per_minute, key.burst)
 
     def check_anonymous(self, address, rate_per_minute, burst):
-        """Seed 002's limit for requests without a key: one bucket per client address."""
+        """The LocalLab-style API's limit for requests without a key: one bucket per client address."""
         self.take(f"anon:{address}", rate_per_minute, burst)
 
     def take(self, bucket, rate_per_minute, burst):
@@ -238,18 +263,28 @@ def add_key_arguments(create):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--state_db", default=os.environ.get("GPT_DATABASE_URL") or os.environ.get("GPT_STATE_DB",
-                                                                                           "out/server.sqlite"),
-                   help="the server's state SQLite file or postgresql:// URL (default: $GPT_DATABASE_URL, else "
-                        "$GPT_STATE_DB, else out/server.sqlite)")
+    # the server's own two flags, with its precedence (--database_url, when set, holds the keys), taken
+    # before or after the command (SUPPRESS: one given before is not undone by the command's default)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--database_url", default=argparse.SUPPRESS,
+                       help="the server's postgresql://user@host/db, when it keeps its state there "
+                            "(default: $GPT_DATABASE_URL); wins over --state_db")
+    where.add_argument("--state_db", default=argparse.SUPPRESS,
+                       help="the server's state SQLite file, or a postgresql:// URL (default: $GPT_STATE_DB, "
+                            "else out/server.sqlite)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[where])
     sub = p.add_subparsers(dest="cmd", required=True)
-    add_key_arguments(sub.add_parser("create", help="create a key and print it (shown only this once)"))
-    sub.add_parser("list", help="list keys (never the keys themselves)")
-    revoke = sub.add_parser("revoke", help="revoke a key")
+    add_key_arguments(sub.add_parser("create", parents=[where], help="create a key and print it (shown only this once)"))
+    sub.add_parser("list", parents=[where], help="list keys (never the keys themselves)")
+    revoke = sub.add_parser("revoke", parents=[where], help="revoke a key")
     revoke.add_argument("key_id", type=int, help="the key's id (from list)")
+    sub.add_parser("reopen", parents=[where], help="switch access control off once every key is revoked: requests "
+                   "without a key are served again, and the next key created (POST /keys from this machine, or "
+                   "create) switches it back on")
     args = p.parse_args(argv)
-    access = Access(args.state_db)
+    access = Access(getattr(args, "database_url", None) or os.environ.get("GPT_DATABASE_URL")
+                    or getattr(args, "state_db", None) or os.environ.get("GPT_STATE_DB", "out/server.sqlite"))
     try:
         if args.cmd == "create":
             luts = [x.strip() for x in args.luts.split(",") if x.strip()]
@@ -257,6 +292,9 @@ def main(argv=None):
             print(f"created key {record['id']} ({record['name']}); it is shown only now:\n{secret}")
         elif args.cmd == "list":
             print(json.dumps(access.list_keys(), indent=2))
+        elif args.cmd == "reopen":
+            print("access control is off: requests without a key are served" if access.reopen()
+                  else "access control is off already")
         else:
             print(json.dumps(access.revoke_key(args.key_id), indent=2))
     except AccessError as e:

@@ -206,23 +206,159 @@ def job_line(job):
         f" -> {job['output_dir']}" + (f" ({job['error']})" if job.get("error") else "")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=os.environ.get("API_URL", "http://localhost:5000"),
-                   help="server address (default: $API_URL or http://localhost:5000)")
-    p.add_argument("--api_key", default=os.environ.get("GPT_API_KEY"),
-                   help="API key, sent as Authorization: Bearer (default: $GPT_API_KEY; none needed until keys exist)")
-    p.add_argument("--app_id", default=os.environ.get("GPT_APP_ID", "api_client"),
-                   help="X-App-ID to record the requests under (default: $GPT_APP_ID or api_client)")
-    p.add_argument("--json", action="store_true", help="print the raw JSON response")
-    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for an answer")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("status", help="server status")
-    sub.add_parser("health", help="health check")
-    sub.add_parser("list", help="list available models")
+# ------------------------------------------------------------------------ one handler per command
+
+def cmd_status(args):
+    show(args, call(args, "GET", "/api/status"))
+
+
+def cmd_health(args):
+    show(args, call(args, "GET", "/health"))
+
+
+def cmd_list(args):
+    show(args, call(args, "GET", "/api/models"))
+
+
+def cmd_load(args):
+    if bool(args.model_type) == bool(args.model_path):
+        sys.exit("error: give exactly one of --model_type or --model_path")
+    payload = {"model_type": args.model_type} if args.model_type else {"model_path": args.model_path}
+    show(args, call(args, "POST", "/api/load_model", json=payload), lambda d: d["message"])
+
+
+def cmd_generate(args):
+    payload = {"prompt": args.prompt, "max_new_tokens": args.max_tokens, "temperature": args.temperature,
+               "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+               "seed": args.seed, "stop": args.stop, "lut_name": args.lut_name}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    if args.stream:  # /generate streams; /api/generate's nanoGPT defaults are kept by sending them
+        if args.json:
+            sys.exit("error: --json and --stream do not go together")
+        stream_generate(args, {"top_p": 1.0, "repetition_penalty": 1.0, **payload})
+    else:
+        show(args, call(args, "POST", "/api/generate", json=payload), lambda d: d["generated_text"])
+
+
+def cmd_train_lut(args):
+    payload = {"label": args.label, "lut_name": args.lut_name, "label_context": args.label_context}
+    show(args, call(args, "POST", "/train_lut", json=payload), lambda d: f"taught LUT {d['lut_name']}")
+
+
+def cmd_train(args):
+    payload = {k: getattr(args, k) for k in ["dataset", "output_dir", "model_type"] + [f[0] for f in TRAIN_FLAGS]}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    show(args, call(args, "POST", "/api/train", json=payload), lambda d: (
+        f"{d['message']}: job {d['job_id']}, process {d['process_id']}, config {d['config_path']}\n"
+        f"follow it with: python api_client.py train-status {d['job_id']} --wait"))
+
+
+def cmd_train_status(args):
+    if args.job_id is None:
+        show(args, call(args, "GET", "/api/train"),
+             lambda d: "\n".join(job_line(j) for j in d["jobs"]) or "no training jobs")
+        return
+    while True:
+        r = call(args, "GET", f"/api/train/{args.job_id}")
+        if not args.wait or r.json()["status"] != "running":
+            break
+        print(job_line(r.json()), flush=True)
+        time.sleep(5)
+    show(args, r, lambda d: job_line(d) + "".join(f"\n  {line}" for line in d["log_tail"][-5:]))
+    if r.json()["status"] == "failed":
+        sys.exit(1)
+
+
+def cmd_train_cancel(args):
+    show(args, call(args, "POST", f"/api/train/{args.job_id}/cancel"), job_line)
+
+
+def cmd_keys_create(args):
+    payload = {"name": args.name, "admin": args.admin, "luts": [x.strip() for x in args.luts.split(",") if x.strip()],
+               "rate_per_minute": args.rate_per_minute, "burst": args.burst}
+    show(args, call(args, "POST", "/keys", json={k: v for k, v in payload.items() if v is not None}),
+         lambda d: f"created key {d['id']} ({d['name']}); it is shown only now:\n{d['key']}")
+
+
+def cmd_keys_list(args):
+    show(args, call(args, "GET", "/keys"), lambda d: "\n".join(
+        f"{k['id']} {k['name']} {k['prefix']}... {'admin' if k['admin'] else 'luts: ' + ','.join(k['luts'])}"
+        + (" (revoked)" if k["revoked"] else "") for k in d["keys"]) or "no keys: access control is off")
+
+
+def cmd_keys_revoke(args):
+    show(args, call(args, "DELETE", f"/keys/{args.key_id}"), lambda d: f"revoked key {d['id']} ({d['name']})")
+
+
+def cmd_usage(args):
+    if args.history:
+        params = {"limit": args.limit, **({"app_id": args.filter_app} if args.filter_app else {})}
+        show(args, call(args, "GET", "/usage/history", params=params), lambda d: "\n".join(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(q['time']))} {q['app_id']} key={q['key_id']} "
+            f"{q['method']} {q['route']} {q['status']} {q['prompt_tokens']}+{q['completion_tokens']} tokens "
+            f"{q['latency_ms']:.0f} ms" for q in d["queries"]) or "no queries recorded")
+        return
+    show(args, call(args, "GET", "/usage"), lambda d: "\n".join(
+        f"{'app ' + str(r['app_id']) if 'app_id' in r else 'key ' + str(r['key_id'])}: {r['requests']} requests, "
+        f"{r['prompt_tokens']}+{r['completion_tokens']} tokens, {r['errors']} errors"
+        for r in d["by_app"] + d["by_key"]) or "no queries recorded")
+
+
+def cmd_luts_list(args):
+    """Every LUT: GET /luts a page at a time, following its `next` cursor."""
+    luts, after = [], None
+    while True:
+        page = call(args, "GET", "/luts", params={"limit": 1000, **({"after": after} if after else {})}).json()
+        luts += page["luts"]
+        after = page.get("next")
+        if not after:
+            break
+    data = {"luts": luts, "next": None}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(f"{x['name']}: {x['labels']} labels, {x['entries']} entries" for x in luts) or "no LUTs")
+
+
+def cmd_luts_show(args):
+    show(args, call(args, "GET", f"/luts/{args.name}"), lambda d: "\n".join(
+        f"[{x['id']}] {x['label']!r} ({x['entries']} entries)" for x in d["labels"]))
+
+
+def cmd_luts_delete(args):
+    path = f"/luts/{args.name}" + (f"/labels/{args.label_id}" if args.label_id is not None else "")
+    show(args, call(args, "DELETE", path), lambda d: "deleted")
+
+
+def cmd_luts_export(args):
+    data = call(args, "GET", f"/luts/{args.name}/export").content
+    with open(args.file, "wb") as f:
+        f.write(data)
+    print(f"wrote {len(data)} bytes to {args.file}")
+
+
+def cmd_luts_import(args):
+    try:
+        data = open(args.file, "rb").read()
+    except OSError as e:
+        sys.exit(f"error: {e}")
+    show(args, call(args, "POST", f"/luts/{args.name}/import", data=data,
+                    headers={"Content-Type": "application/octet-stream"}), lambda d: f"imported {d['lut_name']}")
+
+
+# ------------------------------------------------------------------------ the command line
+
+def add_model_commands(sub):
+    sub.add_parser("status", help="server status").set_defaults(handler=cmd_status)
+    sub.add_parser("health", help="health check").set_defaults(handler=cmd_health)
+    sub.add_parser("list", help="list available models").set_defaults(handler=cmd_list)
     load = sub.add_parser("load", help="load a model")
     load.add_argument("--model_type", default=None, help="gpt2, gpt2-medium, gpt2-large or gpt2-xl")
     load.add_argument("--model_path", default=None, help="checkpoint inside the server's models dir, e.g. out/x/ckpt.pt")
+    load.set_defaults(handler=cmd_load)
+
+
+def add_generation_commands(sub):
     gen = sub.add_parser("generate", help="generate text")
     gen.add_argument("--prompt", required=True, help="the prompt")
     gen.add_argument("--max_tokens", type=int, default=100, help="tokens to generate")
@@ -235,6 +371,7 @@ def main(argv=None):
     gen.add_argument("--lut_name", default=None, help="generate through this user's LUT")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated (POST /generate "
                      "with stream)")
+    gen.set_defaults(handler=cmd_generate)
     ch = sub.add_parser("chat", help="chat interactively (streaming /v1/chat/completions); /reset, /exit")
     ch.add_argument("--lut_name", default=None, help="chat through this user's LUT")
     ch.add_argument("--model", default=None, help="model id (default: the model the server is running)")
@@ -243,10 +380,10 @@ def main(argv=None):
     ch.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     ch.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
     ch.add_argument("--seed", type=int, default=None, help="random seed for reproducible answers")
-    teach = sub.add_parser("train-lut", help="teach a user's LUT a label")
-    teach.add_argument("--lut_name", required=True, help="the LUT (user or tenant id)")
-    teach.add_argument("--label", required=True, help="text to learn")
-    teach.add_argument("--label_context", default=None, help="text the label follows")
+    ch.set_defaults(handler=chat)
+
+
+def add_training_commands(sub):
     tr = sub.add_parser("train", help="start a training or fine-tuning job on the server")
     tr.add_argument("--dataset", required=True, help="a dataset prepared on the server (shakespeare, shakespeare_char, "
                     "openwebtext, ...; shakesphere = shakespeare)")
@@ -255,133 +392,77 @@ def main(argv=None):
     tr.add_argument("--model_type", default=None, help="GPT-2 type to fine-tune (server default: gpt2)")
     for name, kind, helptext in TRAIN_FLAGS:
         tr.add_argument(f"--{name}", type=kind, default=None, help=helptext)
+    tr.set_defaults(handler=cmd_train)
     st = sub.add_parser("train-status", help="show a training job (or list them all)")
     st.add_argument("job_id", nargs="?", type=int, default=None, help="job id (default: list every job)")
     st.add_argument("--wait", action="store_true", help="poll until the job has ended, printing its progress")
+    st.set_defaults(handler=cmd_train_status)
     cancel = sub.add_parser("train-cancel", help="stop a running training job")
     cancel.add_argument("job_id", type=int, help="job id")
-    luts = sub.add_parser("luts", help="manage LUTs")
-    lsub = luts.add_subparsers(dest="action", required=True)
-    lsub.add_parser("list", help="list LUTs")
-    for action, helptext in (("show", "show a LUT's labels"), ("delete", "delete a LUT or one label")):
-        a = lsub.add_parser(action, help=helptext)
-        a.add_argument("name", help="LUT name")
-        if action == "delete":
-            a.add_argument("--label_id", type=int, default=None, help="delete only this label")
+    cancel.set_defaults(handler=cmd_train_cancel)
+
+
+def add_lut_commands(sub):
+    teach = sub.add_parser("train-lut", help="teach a user's LUT a label")
+    teach.add_argument("--lut_name", required=True, help="the LUT (user or tenant id)")
+    teach.add_argument("--label", required=True, help="text to learn")
+    teach.add_argument("--label_context", default=None, help="text the label follows")
+    teach.set_defaults(handler=cmd_train_lut)
+    lsub = sub.add_parser("luts", help="manage LUTs").add_subparsers(dest="action", required=True)
+    lsub.add_parser("list", help="list LUTs").set_defaults(handler=cmd_luts_list)
+    a = lsub.add_parser("show", help="show a LUT's labels")
+    a.add_argument("name", help="LUT name")
+    a.set_defaults(handler=cmd_luts_show)
+    a = lsub.add_parser("delete", help="delete a LUT or one label")
+    a.add_argument("name", help="LUT name")
+    a.add_argument("--label_id", type=int, default=None, help="delete only this label")
+    a.set_defaults(handler=cmd_luts_delete)
     tf = lsub.add_parser("teach-file", help="teach every label of FILE (JSONL or one label per line)")
     tf.add_argument("name", help="LUT name")
     tf.add_argument("file", help='JSONL ({"label": ..., "label_context": ...} per line) or plain text, one label '
                     "per line")
     tf.add_argument("--batch_size", type=int, default=100, help="labels per request (the server takes up to 256)")
-    for action, helptext in (("export", "download a LUT to FILE"), ("import", "upload FILE as LUT NAME")):
+    tf.set_defaults(handler=teach_file)
+    for action, helptext, handler in (("export", "download a LUT to FILE", cmd_luts_export),
+                                      ("import", "upload FILE as LUT NAME", cmd_luts_import)):
         a = lsub.add_parser(action, help=helptext)
         a.add_argument("name", help="LUT name")
         a.add_argument("file", help="a .safetensors LUT file")
-    keys = sub.add_parser("keys", help="manage API keys (admin)")
-    ksub = keys.add_subparsers(dest="action", required=True)
-    add_key_arguments(ksub.add_parser("create", help="create a key; it is printed only this once"))
-    ksub.add_parser("list", help="list keys (never the keys themselves)")
+        a.set_defaults(handler=handler)
+
+
+def add_key_commands(sub):
+    ksub = sub.add_parser("keys", help="manage API keys (admin)").add_subparsers(dest="action", required=True)
+    create = ksub.add_parser("create", help="create a key; it is printed only this once")
+    add_key_arguments(create)
+    create.set_defaults(handler=cmd_keys_create)
+    ksub.add_parser("list", help="list keys (never the keys themselves)").set_defaults(handler=cmd_keys_list)
     kr = ksub.add_parser("revoke", help="revoke a key")
     kr.add_argument("key_id", type=int, help="the key's id (from keys list)")
+    kr.set_defaults(handler=cmd_keys_revoke)
     us = sub.add_parser("usage", help="requests and tokens per app and per key (a tenant key sees its own)")
     us.add_argument("--history", action="store_true", help="list the latest queries instead")
     us.add_argument("--limit", type=int, default=20, help="how many queries --history lists")
     us.add_argument("--filter_app", default=None, help="only this X-App-ID's queries (with --history)")
-    args = p.parse_args(argv)
+    us.set_defaults(handler=cmd_usage)
 
-    if args.cmd == "status":
-        show(args, call(args, "GET", "/api/status"))
-    elif args.cmd == "health":
-        show(args, call(args, "GET", "/health"))
-    elif args.cmd == "list":
-        show(args, call(args, "GET", "/api/models"))
-    elif args.cmd == "load":
-        if bool(args.model_type) == bool(args.model_path):
-            sys.exit("error: give exactly one of --model_type or --model_path")
-        payload = {"model_type": args.model_type} if args.model_type else {"model_path": args.model_path}
-        show(args, call(args, "POST", "/api/load_model", json=payload), lambda d: d["message"])
-    elif args.cmd == "generate":
-        payload = {"prompt": args.prompt, "max_new_tokens": args.max_tokens, "temperature": args.temperature,
-                   "top_k": args.top_k, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-                   "seed": args.seed, "stop": args.stop, "lut_name": args.lut_name}
-        payload = {k: v for k, v in payload.items() if v is not None}
-        if args.stream:  # /generate streams; /api/generate's nanoGPT defaults are kept by sending them
-            if args.json:
-                sys.exit("error: --json and --stream do not go together")
-            stream_generate(args, {"top_p": 1.0, "repetition_penalty": 1.0, **payload})
-        else:
-            show(args, call(args, "POST", "/api/generate", json=payload), lambda d: d["generated_text"])
-    elif args.cmd == "chat":
-        chat(args)
-    elif args.cmd == "train-lut":
-        payload = {"label": args.label, "lut_name": args.lut_name, "label_context": args.label_context}
-        show(args, call(args, "POST", "/train_lut", json=payload), lambda d: f"taught LUT {d['lut_name']}")
-    elif args.cmd == "train":
-        payload = {k: getattr(args, k) for k in ["dataset", "output_dir", "model_type"] + [f[0] for f in TRAIN_FLAGS]}
-        payload = {k: v for k, v in payload.items() if v is not None}
-        show(args, call(args, "POST", "/api/train", json=payload), lambda d: (
-            f"{d['message']}: job {d['job_id']}, process {d['process_id']}, config {d['config_path']}\n"
-            f"follow it with: python api_client.py train-status {d['job_id']} --wait"))
-    elif args.cmd == "train-status" and args.job_id is None:
-        show(args, call(args, "GET", "/api/train"),
-             lambda d: "\n".join(job_line(j) for j in d["jobs"]) or "no training jobs")
-    elif args.cmd == "train-status":
-        while True:
-            r = call(args, "GET", f"/api/train/{args.job_id}")
-            if not args.wait or r.json()["status"] != "running":
-                break
-            print(job_line(r.json()), flush=True)
-            time.sleep(5)
-        show(args, r, lambda d: job_line(d) + "".join(f"\n  {line}" for line in d["log_tail"][-5:]))
-        if r.json()["status"] == "failed":
-            sys.exit(1)
-    elif args.cmd == "train-cancel":
-        show(args, call(args, "POST", f"/api/train/{args.job_id}/cancel"), job_line)
-    elif args.cmd == "keys" and args.action == "create":
-        payload = {"name": args.name, "admin": args.admin, "luts": [x.strip() for x in args.luts.split(",") if x.strip()],
-                   "rate_per_minute": args.rate_per_minute, "burst": args.burst}
-        show(args, call(args, "POST", "/keys", json={k: v for k, v in payload.items() if v is not None}),
-             lambda d: f"created key {d['id']} ({d['name']}); it is shown only now:\n{d['key']}")
-    elif args.cmd == "keys" and args.action == "list":
-        show(args, call(args, "GET", "/keys"), lambda d: "\n".join(
-            f"{k['id']} {k['name']} {k['prefix']}... {'admin' if k['admin'] else 'luts: ' + ','.join(k['luts'])}"
-            + (" (revoked)" if k["revoked"] else "") for k in d["keys"]) or "no keys: access control is off")
-    elif args.cmd == "keys":
-        show(args, call(args, "DELETE", f"/keys/{args.key_id}"), lambda d: f"revoked key {d['id']} ({d['name']})")
-    elif args.cmd == "usage" and args.history:
-        params = {"limit": args.limit, **({"app_id": args.filter_app} if args.filter_app else {})}
-        show(args, call(args, "GET", "/usage/history", params=params), lambda d: "\n".join(
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(q['time']))} {q['app_id']} key={q['key_id']} "
-            f"{q['method']} {q['route']} {q['status']} {q['prompt_tokens']}+{q['completion_tokens']} tokens "
-            f"{q['latency_ms']:.0f} ms" for q in d["queries"]) or "no queries recorded")
-    elif args.cmd == "usage":
-        show(args, call(args, "GET", "/usage"), lambda d: "\n".join(
-            f"{'app ' + str(r['app_id']) if 'app_id' in r else 'key ' + str(r['key_id'])}: {r['requests']} requests, "
-            f"{r['prompt_tokens']}+{r['completion_tokens']} tokens, {r['errors']} errors"
-            for r in d["by_app"] + d["by_key"]) or "no queries recorded")
-    elif args.action == "list":
-        show(args, call(args, "GET", "/luts"), lambda d: "\n".join(
-            f"{x['name']}: {x['labels']} labels, {x['entries']} entries" for x in d["luts"]) or "no LUTs")
-    elif args.action == "show":
-        show(args, call(args, "GET", f"/luts/{args.name}"), lambda d: "\n".join(
-            f"[{x['id']}] {x['label']!r} ({x['entries']} entries)" for x in d["labels"]))
-    elif args.action == "delete":
-        path = f"/luts/{args.name}" + (f"/labels/{args.label_id}" if args.label_id is not None else "")
-        show(args, call(args, "DELETE", path), lambda d: "deleted")
-    elif args.action == "teach-file":
-        teach_file(args)
-    elif args.action == "export":
-        data = call(args, "GET", f"/luts/{args.name}/export").content
-        with open(args.file, "wb") as f:
-            f.write(data)
-        print(f"wrote {len(data)} bytes to {args.file}")
-    elif args.action == "import":
-        try:
-            data = open(args.file, "rb").read()
-        except OSError as e:
-            sys.exit(f"error: {e}")
-        show(args, call(args, "POST", f"/luts/{args.name}/import", data=data,
-                        headers={"Content-Type": "application/octet-stream"}), lambda d: f"imported {d['lut_name']}")
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=os.environ.get("API_URL", "http://localhost:5000"),
+                   help="server address (default: $API_URL or http://localhost:5000)")
+    p.add_argument("--api_key", default=os.environ.get("GPT_API_KEY"),
+                   help="API key, sent as Authorization: Bearer (default: $GPT_API_KEY; none needed until keys exist)")
+    p.add_argument("--app_id", default=os.environ.get("GPT_APP_ID", "api_client"),
+                   help="X-App-ID to record the requests under (default: $GPT_APP_ID or api_client)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON response")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for an answer")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (add_model_commands, add_generation_commands, add_lut_commands, add_training_commands,
+                add_key_commands):
+        add(sub)
+    args = p.parse_args(argv)
+    args.handler(args)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ class SamplingParams:
     def validate(self):
         checks = [
             ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "an integer >= 1"),
-            ("temperature", _number(self.temperature) and 0 <= self.temperature <= 100, "a number in [0, 100]"),
+            ("temperature", _number(self.temperature) and 0 <= self.temperature <= 2, "a number in [0, 2]"),
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
-            ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_p", _number(self.top_p) and 0 <= self.top_p <= 1, "a number in [0, 1]"),
             ("repetition_penalty", _number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
              "a number in (0, 10]"),
             ("do_sample", isinstance(self.do_sample, bool), "true or false"),
@@ -78,6 +78,7 @@ class Sequence:
         self.lut = lut
         self.tag = tag  # the caller's handle (the server keeps its request here)
         self.out_ids = []
+        self.tokens = list(prompt_ids)  # prompt_ids + out_ids, kept as one list: a LUT reads it every step
         self.text = ""  # generated text, stop sequence excluded
         self.emitted = 0  # how much of text new_text() has handed out
         self.finish_reason = None  # "length" | "stop" | "cancelled"
@@ -114,31 +115,35 @@ class Sequence:
             self.logprobs.append((float(self.next_logprobs[token]), alternatives))
             self.next_logprobs = None
         self.out_ids.append(token)
+        self.tokens.append(token)
         if token not in self._seen:
             self._seen.add(token)
             self._seen_tensor = None
         before = len(self.text)
-        self.text += self.stream.push(token)
+        piece = self.stream.push(token)
         if fire is not None:
-            self.lut_fires.append((len(self.out_ids) - 1, before, len(self.text)) + tuple(fire))
-        if self._cut_at_stop(before):
+            self.lut_fires.append((len(self.out_ids) - 1, before, before + len(piece)) + tuple(fire))
+        if self._extend(piece):
             return
         if len(self.out_ids) >= self.params.max_new_tokens:
             self._finish("length")
 
-    def _cut_at_stop(self, before):
+    def _extend(self, piece):
+        """Add piece to the text, cut at a stop sequence if one is complete now (True then). The
+        text is assigned once, already cut: a stream reading it from another thread never sees
+        a stop sequence."""
+        before, text = len(self.text), self.text + piece
         for s in self.params.stop:
-            i = self.text.find(s, max(0, before - len(s) + 1))
+            i = text.find(s, max(0, before - len(s) + 1))
             if i >= 0:
-                self.text = self.text[:i]
+                self.text = text[:i]
                 self.finish_reason = "stop"
                 return True
+        self.text = text
         return False
 
     def _finish(self, reason):
-        before = len(self.text)
-        self.text += self.stream.flush()
-        if not self._cut_at_stop(before):
+        if not self._extend(self.stream.flush()):
             self.finish_reason = reason
 
     def cancel(self):
@@ -238,17 +243,18 @@ def sample_row(logits, params, generator):
 
 
 DRAFT_TOKENS = 8  # drafts verified per forward pass in speculative decoding (0 = off)
+PREFILL_CHUNK = 48  # prompt tokens prefilled per step while other rows decode (0 = whole prompts at once)
 
 
 def draft_tokens(seq, k):
     """Up to k tokens that will likely come next, for speculative decoding: where the row's LUT
     fires, its taught continuation (the decoder forces exactly those tokens); else prompt lookup,
     what followed the latest earlier occurrence of the text's last 3 (or 2) tokens."""
-    tokens = seq.prompt_ids + seq.out_ids
+    tokens = seq.tokens
     drafts = []
     seq.lut_memo["stable"] = len(tokens)
     while seq.lut is not None and len(drafts) < k:
-        e, _ = seq.lut.lookup(tokens + drafts, len(tokens) + len(drafts) - 1, seq.lut_memo)
+        e, _ = seq.lut.fire(tokens + drafts if drafts else tokens, len(tokens) + len(drafts) - 1, seq.lut_memo)
         if e < 0:
             break
         drafts.append(int(seq.lut.targets[e]))
@@ -264,18 +270,25 @@ def draft_tokens(seq, k):
 
 class Batcher:
     """Decodes up to max_batch sequences together. Live sequences occupy cache rows 0..n-1 in
-    order; a finished one is replaced by the last row, so every step is one dense forward pass.
-    A greedy sequence decoding alone is sped up with drafts (draft_tokens()) checked in one pass."""
+    order: first the decoding ones (rows 0..decoding-1), then those whose prompts are still being
+    prefilled, first come first served (only the first of them may be part-way). A finished
+    decoding row is replaced by the last decoding one, so every decode step is one dense forward
+    pass. A greedy sequence decoding alone is sped up with drafts (draft_tokens()) checked in one
+    pass. prefill_chunk: while rows decode, each step prefills at most this many prompt tokens
+    beside the decode step, so a long prompt is spread over several steps instead of stopping the
+    running sequences for its whole prefill (0 = prompts whole at once)."""
 
-    def __init__(self, model, max_batch=8, draft_tokens=DRAFT_TOKENS):
+    def __init__(self, model, max_batch=8, draft_tokens=DRAFT_TOKENS, prefill_chunk=PREFILL_CHUNK):
         self.model = model
         self.draft_tokens = draft_tokens
+        self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.max_batch = max_batch
         self.cache = None
         self.seqs = []  # live sequences, row i of the cache belongs to seqs[i]
         self.lengths = []  # tokens cached per row
+        self.decoding = 0  # rows 0..decoding-1 decode; the rest are prompts being prefilled
 
     @property
     def free_slots(self):
@@ -295,51 +308,122 @@ class Batcher:
 
     @torch.inference_mode()
     def admit(self, new_seqs):
-        """Prefill new sequences into free rows and sample their first token."""
+        """Give new sequences free rows and prefill their prompts; returns those that got their
+        first token. With nothing decoding, or prefill_chunk 0, the prompts are prefilled here,
+        whole and together (right-padded); while rows decode and prefill_chunk is set, the next
+        step()s prefill them beside their decode steps."""
         assert len(new_seqs) <= self.free_slots
         if not new_seqs:
-            return
+            return []
         for s in new_seqs:
             self.check_fits(s)
         if self.cache is None:
             from model import KVCache
             self.cache = KVCache(self.model.config, self.max_batch, self.device, self.dtype)
-        lo, hi = len(self.seqs), len(self.seqs) + len(new_seqs)
-        T = max(len(s.prompt_ids) for s in new_seqs)
-        self.cache.reserve(T)
-        idx = torch.zeros(len(new_seqs), T, dtype=torch.long)  # right-padded prompts
-        for i, s in enumerate(new_seqs):
-            idx[i, :len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in new_seqs], device=self.device)
-        luts = _lut_batch(new_seqs, [len(s.prompt_ids) for s in new_seqs], last_only=True)
-        logits, _ = self.model(idx.to(self.device), cache=self.cache.rows(lo, hi), pos=0,
-                               logits_at=last, lut=luts)
         self.seqs += new_seqs
-        self.lengths += [len(s.prompt_ids) for s in new_seqs]
-        self._take(new_seqs, sample_next(logits, new_seqs, luts.taught_at(last) if luts else None),
-                   luts.fires_at([n - 1 for n in self.lengths[lo:hi]]) if luts else None)
+        self.lengths += [0] * len(new_seqs)
+        if self.decoding and self.prefill_chunk:
+            return []
+        return self._prefill()
 
     @torch.inference_mode()
     def step(self):
-        """One token for every live sequence. Returns the sequences that advanced."""
-        if not self.seqs:
-            return []
-        seqs = list(self.seqs)
+        """One token for every decoding sequence (more with drafts), then a round of prefill for
+        the prompts waiting in rows (see _prefill). Returns the sequences that advanced."""
+        advanced = self._decode() if self.decoding else []
+        if self.decoding < len(self.seqs):
+            advanced += self._prefill()
+        return advanced
+
+    def _decode(self):
+        seqs = self.seqs[:self.decoding]
         if len(seqs) == 1 and self.draft_tokens and self._speculate(seqs[0]):
             return seqs
         B = len(seqs)
-        for i, n in enumerate(self.lengths):
-            if n == self.model.config.block_size:  # full: only sliding_window sequences get here
+        for i in range(B):
+            if self.lengths[i] == self.model.config.block_size:  # full: only sliding_window sequences get here
                 self._slide(i)
-        self.cache.reserve(max(self.lengths) + 1)
+        lengths = self.lengths[:B]
+        self.cache.reserve(max(lengths) + 1)
         idx = torch.tensor([[s.out_ids[-1]] for s in seqs], device=self.device)
-        pos = self.lengths[0] if len(set(self.lengths)) == 1 else torch.tensor(self.lengths, device=self.device)
+        pos = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=self.device)
         luts = _lut_batch(seqs, [1] * B)
         logits, _ = self.model(idx, cache=self.cache.rows(0, B), pos=pos, logits_at=None, lut=luts)
-        self.lengths = [n + 1 for n in self.lengths]
+        self.lengths[:B] = [n + 1 for n in lengths]
         forced = luts.taught_at(torch.zeros(B, dtype=torch.long)) if luts and luts.hits else None
         self._take(seqs, sample_next(logits[:, -1], seqs, forced), luts.fires_at([0] * B) if forced is not None else None)
         return seqs
+
+    def _prefill(self):
+        """Prefill the waiting rows (those past self.decoding), first come first served, and sample
+        the first token of each prompt completed; returns those sequences. While rows decode and
+        prefill_chunk is set, one call prefills at most prefill_chunk tokens (counting padding): a
+        prompt longer than that goes in pieces of up to prefill_chunk tokens over several calls,
+        shorter ones go whole, together; otherwise everything waiting is prefilled."""
+        budget = self.prefill_chunk if self.prefill_chunk and self.decoding else None  # None: no limit
+        started = []
+        while self.decoding < len(self.seqs) and (budget is None or budget > 0):
+            d = self.decoding
+            if self.seqs[d].done:  # cancelled while it waited
+                self.retire()
+                continue
+            n = len(self.seqs[d].prompt_ids)
+            if self.lengths[d] == 0 and (budget is None or n <= budget):
+                k, T = 1, n  # whole prompts: as many as fit the budget, padded to the longest
+                while d + k < len(self.seqs):
+                    longest = max(T, len(self.seqs[d + k].prompt_ids))
+                    if budget is not None and (k + 1) * longest > budget:
+                        break
+                    k, T = k + 1, longest
+                started += self._prefill_whole(d, k, T)
+                used = k * T
+            elif self.lengths[d] == 0 and n <= self.prefill_chunk:
+                break  # a short prompt waits for the next call rather than being split
+            else:
+                used = n - self.lengths[d] if budget is None else min(budget, n - self.lengths[d])
+                started += self._prefill_piece(d, used)
+            if budget is not None:
+                budget -= used
+        return started
+
+    def _prefill_whole(self, d, k, T):
+        """Prefill the prompts of rows d..d+k-1 (none begun; the longest T tokens) in one pass."""
+        seqs = self.seqs[d:d + k]
+        self.cache.reserve(T)
+        idx = torch.zeros(k, T, dtype=torch.long)  # right-padded prompts
+        for i, s in enumerate(seqs):
+            idx[i, :len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=self.device)
+        luts = _lut_batch(seqs, [len(s.prompt_ids) for s in seqs], last_only=True)
+        logits, _ = self.model(idx.to(self.device), cache=self.cache.rows(d, d + k), pos=0,
+                               logits_at=last, lut=luts)
+        self.lengths[d:d + k] = [len(s.prompt_ids) for s in seqs]
+        self.decoding += k
+        self._take(seqs, sample_next(logits, seqs, luts.taught_at(last) if luts else None),
+                   luts.fires_at(last.tolist()) if luts else None)
+        return seqs
+
+    def _prefill_piece(self, d, c):
+        """Prefill the next c prompt tokens of row d after those it has cached, each attending to
+        the cache before it as in a whole prefill. The last piece samples the first token (a LUT,
+        which adds to the final residual and so never changes what is cached, is matched there
+        only); returns [the sequence] then, else []."""
+        s = self.seqs[d]
+        start = self.lengths[d]
+        end = start + c
+        self.cache.reserve(end)
+        last = torch.tensor([c - 1], device=self.device)
+        final = end == len(s.prompt_ids)
+        luts = _lut_batch([s], [c], last_only=True) if final else None
+        logits, _ = self.model(torch.tensor([s.prompt_ids[start:end]], device=self.device),
+                               cache=self.cache.rows(d, d + 1), pos=start, logits_at=last, lut=luts)
+        self.lengths[d] = end
+        if not final:
+            return []
+        self.decoding += 1
+        self._take([s], sample_next(logits, [s], luts.taught_at(last) if luts else None),
+                   luts.fires_at([c - 1]) if luts else None)
+        return [s]
 
     def _speculate(self, s):
         """Verify drafts for s in one forward pass over [last token, drafts...], keeping the drafts
@@ -387,7 +471,7 @@ class Batcher:
         next step feeds). The cache holds keys and values only, which a LUT never changes (it adds
         to the final residual), so no LUT is needed here."""
         s = self.seqs[i]
-        window = (s.prompt_ids + s.out_ids)[-(self.model.config.block_size // 2) - 1:-1]
+        window = s.tokens[-(self.model.config.block_size // 2) - 1:-1]
         self.model(torch.tensor([window], device=self.device), cache=self.cache.rows(i, i + 1), pos=0,
                    logits_at=torch.tensor([len(window) - 1], device=self.device))
         self.lengths[i] = len(window)
@@ -399,50 +483,62 @@ class Batcher:
         self.retire()
 
     def retire(self):
-        """Drop finished (or cancelled) sequences, moving the last live row into each hole."""
+        """Drop finished (or cancelled) sequences. A decoding row's hole takes the last decoding
+        row; the rows being prefilled after a hole move down one (only the first of them has
+        anything cached to move)."""
         i = 0
         while i < len(self.seqs):
-            if self.seqs[i].done:
-                last = len(self.seqs) - 1
-                if i != last:
-                    self.cache.move_row(last, i, self.lengths[last])
-                    self.seqs[i], self.lengths[i] = self.seqs[last], self.lengths[last]
-                self.seqs.pop()
-                self.lengths.pop()
-            else:
+            if not self.seqs[i].done:
                 i += 1
+                continue
+            hole = i
+            if i < self.decoding:
+                hole = self.decoding - 1
+                if i != hole:
+                    self.cache.move_row(hole, i, self.lengths[hole])
+                    self.seqs[i], self.lengths[i] = self.seqs[hole], self.lengths[hole]
+                self.decoding -= 1
+            del self.seqs[hole], self.lengths[hole]
+            for r in range(hole, len(self.seqs)):
+                if self.lengths[r]:
+                    self.cache.move_row(r + 1, r, self.lengths[r])
 
 
 def _lut_batch(seqs, window, last_only=False, tail=()):
     """The rows' LUTs, matched against each row's text so far (prompt and output: a trigger the
     model writes itself fires too) and tail (drafts being verified); window[i] is how many of its
-    last tokens this pass covers."""
-    if all(s.lut is None for s in seqs):
+    last tokens this pass covers. None where nothing fires: the pass then runs as without LUTs."""
+    taught = [s for s in seqs if s.lut is not None]
+    if not taught:
         return None
+    for s in taught:
+        s.lut_memo["stable"] = len(s.tokens)  # drafts in tail may still be rejected
+    if not tail and max(window) == 1 and all(s.lut.fire(s.tokens, len(s.tokens) - 1, s.lut_memo)[0] < 0
+                                             for s in taught):
+        return None  # a decode step where nothing fires, the usual case: decided without building a batch
     from lut import LUTBatch
-    for s in seqs:
-        s.lut_memo["stable"] = len(s.prompt_ids) + len(s.out_ids)  # drafts in tail may still be rejected
-    return LUTBatch([s.lut for s in seqs], [s.prompt_ids + s.out_ids + list(tail) for s in seqs], window, last_only,
-                    [s.lut_memo for s in seqs])
+    luts = LUTBatch([s.lut for s in seqs], [s.tokens + list(tail) if tail else s.tokens for s in seqs], window,
+                    last_only, [s.lut_memo for s in seqs])
+    return luts if luts.fires else None
 
 
-def generate(model, tokenizer, prompts, params, luts=None, max_batch=8, on_text=None, draft_tokens=DRAFT_TOKENS):
+def generate(model, tokenizer, prompts, params, luts=None, max_batch=8, on_text=None, draft_tokens=DRAFT_TOKENS,
+             prefill_chunk=PREFILL_CHUNK):
     """Continue each prompt (a string or token list) with params (one SamplingParams, or one per
     prompt) and luts (one per prompt, None = base model); returns the finished Sequences in order.
-    on_text(i, delta) is called as text becomes final, for streaming. draft_tokens: see Batcher."""
+    on_text(i, delta) is called as text becomes final, for streaming. draft_tokens, prefill_chunk: see Batcher."""
     luts = luts or [None] * len(prompts)
     params = params if isinstance(params, list) else [params] * len(prompts)
     seqs = [Sequence(p if isinstance(p, list) else tokenizer.encode(p), sp, tokenizer, lut, tag=i)
             for i, (p, sp, lut) in enumerate(zip(prompts, params, luts))]
-    batcher = Batcher(model, max_batch=max_batch, draft_tokens=draft_tokens)
+    batcher = Batcher(model, max_batch=max_batch, draft_tokens=draft_tokens, prefill_chunk=prefill_chunk)
     for s in seqs:
         batcher.check_fits(s)
     waiting = list(seqs)
     while waiting or batcher.seqs:
         if waiting and batcher.free_slots:
             admitted, waiting = waiting[:batcher.free_slots], waiting[batcher.free_slots:]
-            batcher.admit(admitted)
-            advanced = admitted
+            advanced = batcher.admit(admitted)
         else:
             advanced = batcher.step()
         if on_text:

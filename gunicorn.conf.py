@@ -2,7 +2,8 @@
 
 One worker process owns the model (each worker would hold its own copy of the weights); the
 engine inside it batches concurrent requests, so the worker needs many threads, not processes.
-The app is created after the fork (no preload), so no torch state crosses a fork.
+The app is created after the fork (no preload), so no torch state crosses a fork; the CPU kernels
+are built before it, once, by a child process of the master (on_starting), so workers only load them.
 Configure the app with GPT_* environment variables (see api_server.create_app).
 
 Metrics: prometheus_client's multiprocess mode. Each worker writes its metrics to files in
@@ -10,6 +11,8 @@ PROMETHEUS_MULTIPROC_DIR (set here unless given; emptied at start-up) and GET /m
 worker's; a worker that exits has its live gauges dropped.
 """
 import os
+import subprocess
+import sys
 import tempfile
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:5000")
@@ -30,6 +33,24 @@ def on_starting(server):
     for name in os.listdir(folder):  # the metric files of an earlier run, nothing else
         if name.endswith(".db"):
             os.remove(os.path.join(folder, name))
+    if not os.environ.get("GPT_DEVICE", "auto").startswith("cuda"):
+        prebuild_kernels(server)
+
+
+def prebuild_kernels(server):
+    """Build the CPU kernels (~30 s the first time on a machine) before the socket is bound and
+    workers fork, in a child process: torch stays out of the master. A failure is one log line and
+    the workers fall back as cpu_kernels.ops() does."""
+    server.log.info("building or finding the CPU kernels: python -m cpu_kernels")
+    limit = 2 * float(os.environ.get("CPU_KERNELS_BUILD_TIMEOUT", "600"))  # its wait for another build, then its own
+    try:
+        done = subprocess.run([sys.executable, "-m", "cpu_kernels"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=limit)
+        if done.returncode:
+            server.log.error("CPU kernels not built (python -m cpu_kernels exited %d; its error is above)",
+                             done.returncode)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        server.log.error("CPU kernels not built: %s", e)
 
 
 def child_exit(server, worker):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import kernels
+import cpu_kernels
 
 _libc = ctypes.CDLL(None)  # madvise() on any address range (mmap objects only cover their own)
 
@@ -28,8 +28,8 @@ PRETRAINED = {  # model_type -> (n_layer, n_head, n_embd)
     "gpt2-xl": (48, 25, 1600),  # 1558M
 }
 HUB_ORG = "openai-community"
-FEW_ROWS = 16  # up to this many rows, fp32 CPU matmuls use kernels.py (decode steps, short prompts)
-QUANTIZE = ("int8",)  # --quantize choices (CPU): int8 weights, see kernels.py
+FEW_ROWS = 16  # up to this many rows, fp32 CPU matmuls use cpu_kernels.py (decode steps, short prompts)
+QUANTIZE = ("int8",)  # --quantize choices (CPU): int8 weights, see cpu_kernels.py
 INT8_CPU_ONLY = ("--quantize int8 is a CPU path for float32 weights; on CUDA use --dtype float16 or bfloat16 "
                  "(tensor cores beat int8 kernels at GPT-2's sizes)")
 
@@ -54,7 +54,7 @@ class Conv1D(nn.Module):
     """A Linear whose weight is stored (in, out), as GPT-2's checkpoints store it, so they load
     without a transpose (memory-mapped; see load_model); x @ W in this layout is also faster on
     CPU for the few-row matmuls of decoding than nn.Linear's x @ W.T. quantize_int8() swaps the
-    weight for int8 (kernels.py); the bias stays fp32."""
+    weight for int8 (cpu_kernels.py); the bias stays fp32."""
 
     def __init__(self, n_in, n_out, bias=True):
         super().__init__()
@@ -67,11 +67,11 @@ class Conv1D(nn.Module):
         shape = x.shape[:-1] + (self.n_out,)
         x = x.reshape(-1, x.size(-1))
         if self.qweight is not None:
-            y = kernels.linear_int8(x, self.qweight, self.qscale, self.bias, self.n_out)
-        elif x.size(0) <= FEW_ROWS and kernels.cpu_fp32(self.weight) and kernels.fast_f32():
-            # a decode step (one row or a batch's) or a short prompt: kernels.py's matmul beats
+            y = cpu_kernels.linear_int8(x, self.qweight, self.qscale, self.bias, self.n_out)
+        elif x.size(0) <= FEW_ROWS and cpu_kernels.cpu_fp32(self.weight) and cpu_kernels.fast_f32():
+            # a decode step (one row or a batch's) or a short prompt: cpu_kernels.py's matmul beats
             # MKL's addmm here by 1.1-2x on 2 threads
-            y = kernels.linear_f32(x, self.weight, self.bias)
+            y = cpu_kernels.linear_f32(x, self.weight, self.bias)
         else:
             y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
         return y.view(shape)
@@ -79,7 +79,7 @@ class Conv1D(nn.Module):
     def quantize_int8(self):
         """Replace the fp32 weight by int8 with a scale per output column. Returns the old weight."""
         old = self.weight
-        self.qweight, self.qscale = kernels.pack_int8(old.detach())
+        self.qweight, self.qscale = cpu_kernels.pack_int8(old.detach())
         self.weight = None
         return old
 
@@ -99,8 +99,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None, pos=None, lengths=None):
         """cache: (k, v) tensors (B, nh, T_cap, hs) of this layer, or None.
         T > 1 writes positions pos..pos+T-1 (pos = 0: a prefill; pos > 0: a run of draft tokens
-        to verify, each attending causally to the cache before it); T == 1 (decode) writes each
-        row at pos[b] and attends to its first lengths[b] = pos[b] + 1 positions."""
+        to verify, or a prompt's next piece, each attending causally to the cache before it);
+        T == 1 (decode) writes each row at pos[b] and attends to its first lengths[b] = pos[b] + 1 positions."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -111,9 +111,10 @@ class CausalSelfAttention(nn.Module):
             if T > 1:  # a prefill, or drafts after what is cached
                 ck[:, :, pos:pos + T] = k
                 cv[:, :, pos:pos + T] = v
-                if pos > 0:  # each draft attends to what precedes it, as its own decode step would
-                    if kernels.cpu_fp32(q):
-                        y = kernels.attend(q, ck, cv, lengths)
+                if pos > 0:  # drafts, or a prompt's next piece: each token attends to what precedes it
+                    if cpu_kernels.cpu_fp32(q) and T <= FEW_ROWS:  # a few drafts: as their own decode steps would
+                        # (for a long piece, torch's fused attention below is 2-4x faster than this per-query kernel)
+                        y = cpu_kernels.attend(q, ck, cv, lengths)
                     else:
                         k, v = ck[:, :, :pos + T], cv[:, :, :pos + T]
                         causal = torch.arange(pos + T, device=x.device) <= pos + torch.arange(T, device=x.device)[:, None]
@@ -127,8 +128,8 @@ class CausalSelfAttention(nn.Module):
                     rows = torch.arange(B, device=x.device)
                     ck[rows, :, pos] = k[:, :, 0]
                     cv[rows, :, pos] = v[:, :, 0]
-                if kernels.cpu_fp32(q):  # reads each row's own length: no mask, no slicing
-                    y = kernels.attend(q, ck, cv, lengths).transpose(1, 2).reshape(B, T, C)
+                if cpu_kernels.cpu_fp32(q):  # reads each row's own length: no mask, no slicing
+                    y = cpu_kernels.attend(q, ck, cv, lengths).transpose(1, 2).reshape(B, T, C)
                     return self.resid_dropout(self.c_proj(y))
                 length = int(lengths.max())
                 k, v = ck[:, :, :length], cv[:, :, :length]
@@ -187,14 +188,14 @@ class KVCache:
 
     def reserve(self, length):
         """Make room for `length` positions per row. Slots past a row's length are never read by
-        kernels.attend, so on its path they stay uninitialised (no page is touched before use);
+        cpu_kernels.attend, so on its path they stay uninitialised (no page is touched before use);
         elsewhere they are zeros, so masked slots are never NaN."""
         cap = self.k[0].size(2) if self.k else 0
         if length <= cap:
             return
         new_cap = min(max(length, 2 * cap), self.max_len)
         B, nh, _, hs = self.shape
-        cpu_kernel = torch.device(self.device).type == "cpu" and self.dtype == torch.float32 and kernels.ops()
+        cpu_kernel = torch.device(self.device).type == "cpu" and self.dtype == torch.float32 and cpu_kernels.ops()
         alloc = lambda n: (torch.empty if cpu_kernel else torch.zeros)(B, nh, n, hs, device=self.device, dtype=self.dtype)
         if self.k:
             self.k = [torch.cat([t, alloc(new_cap - cap)], dim=2) for t in self.k]
@@ -258,8 +259,8 @@ class GPT(nn.Module):
         targets: (B, T) next-token ids for the training loss (-1 = ignore).
         cache: KVCache.rows(...) for these B rows; with T > 1 the rows are filled from position
             pos (an int: 0 for prompts, right-padded, padding only ever following real tokens so
-            causality keeps it out of them; more to verify drafts), with T == 1 pos says where
-            each row's token goes: an int when all rows agree, else a (B,) tensor.
+            causality keeps it out of them; more to verify drafts or prefill a prompt's next piece),
+            with T == 1 pos says where each row's token goes: an int when all rows agree, else a (B,) tensor.
         logits_at: (B,) index of the single position per row whose logits are wanted.
         lut: a lut.LUTBatch that adds its values to the final residual where a taught trigger fired.
         Returns logits (B, T, V), or (B, V) with logits_at; and the loss (None without targets)."""
@@ -278,7 +279,7 @@ class GPT(nn.Module):
         pos_emb = self.transformer.wpe(positions)  # (B or 1, T, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
         if cache is not None and self._one_call_decode(x):
-            x = kernels.decode_layers(x, self._decode_params(), cache, positions, self.config)
+            x = cpu_kernels.decode_layers(x, self._decode_params(), cache, positions, self.config)
         else:
             for layer, block in enumerate(self.transformer.h):
                 x = block(x, None if cache is None else cache[layer], pos, lengths)
@@ -293,18 +294,18 @@ class GPT(nn.Module):
         return logits, loss
 
     def _one_call_decode(self, x):
-        """Whether a cached pass runs its blocks in one call to kernels.py (the same ops as
+        """Whether a cached pass runs its blocks in one call to cpu_kernels.py (the same ops as
         Block.forward): CPU inference of a decode step (a token per row), or of a few tokens of one
         sequence (drafts to verify, a short prompt); fp32 with the AVX-512 kernel for up to
         FEW_ROWS tokens, int8 for any number of decode rows. Drafts share it so that verifying them
         costs what plain decoding does per weight read (they took the per-op path, 2 ms slower)."""
         B, T, _ = x.shape
-        if self.training or not kernels.cpu_fp32(x) or (T > 1 and (B > 1 or T > FEW_ROWS)):
+        if self.training or not cpu_kernels.cpu_fp32(x) or (T > 1 and (B > 1 or T > FEW_ROWS)):
             return False
-        return self.quantized == "int8" or (B * T <= FEW_ROWS and kernels.fast_f32())
+        return self.quantized == "int8" or (B * T <= FEW_ROWS and cpu_kernels.fast_f32())
 
     def _decode_params(self):
-        """Every block's weights in the order kernels.decode_layers reads them. Kept between steps
+        """Every block's weights in the order cpu_kernels.decode_layers reads them. Kept between steps
         (building it walks ~400 module attributes: 0.2 ms, 1% of a 124M step): the Parameters in it
         see in-place updates and .data swaps (to_huge_pages, .to()); a module given new tensors
         (quantize_int8) clears it."""
@@ -317,14 +318,14 @@ class GPT(nn.Module):
                         params += [m.weight, m.bias]
                     else:
                         params += [m.weight, None, m.bias] if m.qweight is None else [m.qweight, m.qscale, m.bias]
-            self._decode_param_list = [kernels.ABSENT if p is None else p for p in params]
+            self._decode_param_list = [cpu_kernels.ABSENT if p is None else p for p in params]
         return self._decode_param_list
 
     def _lm_head(self, x):
         w = self.lm_head.weight  # (vocab, n_embd), tied to wte
         if self.quantized == "int8":
             packed, scale = self._head_int8
-            return kernels.linear_int8(x.reshape(-1, x.size(-1)), packed, scale, None, w.size(0)).view(
+            return cpu_kernels.linear_int8(x.reshape(-1, x.size(-1)), packed, scale, None, w.size(0)).view(
                 *x.shape[:-1], w.size(0))
         if torch.is_grad_enabled() or x.device.type != "cpu":
             return self.lm_head(x)
@@ -334,21 +335,21 @@ class GPT(nn.Module):
         if getattr(self, "_head_key", None) != key:
             self._head_t, self._head_key = empty_huge(w.shape[::-1], w.dtype).copy_(w.detach().t()), key
         rows = x.reshape(-1, x.size(-1))
-        if rows.size(0) <= FEW_ROWS and kernels.cpu_fp32(x) and kernels.fast_f32():
-            # decode steps: kernels.py's matmul reads the 154 MB (at 124M) ~1.8x faster than addmm
-            return kernels.linear_f32(rows, self._head_t, None).view(*x.shape[:-1], w.size(0))
+        if rows.size(0) <= FEW_ROWS and cpu_kernels.cpu_fp32(x) and cpu_kernels.fast_f32():
+            # decode steps: cpu_kernels.py's matmul reads the 154 MB (at 124M) ~1.8x faster than addmm
+            return cpu_kernels.linear_f32(rows, self._head_t, None).view(*x.shape[:-1], w.size(0))
         return x @ self._head_t
 
     # ------------------------------------------------------------------ loading and saving
 
     def quantize_int8(self, release=lambda weight: None):
-        """int8 weights (one scale per output column, kernels.py) for every Conv1D of the blocks and
+        """int8 weights (one scale per output column, cpu_kernels.py) for every Conv1D of the blocks and
         for the tied output projection; embeddings, LayerNorms and biases stay fp32. CPU inference
         only. release(w) gets each fp32 weight once it is packed (a mapped file gives back its
         pages). The fingerprint stays the fp32 one: LUTs taught on either model serve both."""
         if self.transformer.wte.weight.device.type != "cpu" or self.transformer.wte.weight.dtype != torch.float32:
             raise ModelLoadError(INT8_CPU_ONLY)
-        if kernels.ops() is None:
+        if cpu_kernels.ops() is None:
             raise ModelLoadError("--quantize int8 needs its CPU kernel, which could not be built here "
                                  "(a C++ compiler, g++, is required; see the log)")
         self.pin_fingerprint()
@@ -357,7 +358,7 @@ class GPT(nn.Module):
             for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
                 release(layer.quantize_int8())
         wte = self.transformer.wte.weight
-        self._head_int8 = kernels.pack_int8(wte.detach().t())
+        self._head_int8 = cpu_kernels.pack_int8(wte.detach().t())
         release(wte)  # its rows are read back one by one, as embeddings
         self.quantized = "int8"
         self._decode_param_list = None
@@ -392,74 +393,6 @@ class GPT(nn.Module):
             p.data = moved  # the Parameter itself stays, and with it the tie and requires_grad
         return self
 
-    @classmethod
-    def from_pretrained(cls, model_type, dropout=0.0):
-        """GPT-2 weights from the Hugging Face Hub (openai-community/<model_type>, model.safetensors),
-        through huggingface_hub's cache: HF_HOME and HF_HUB_OFFLINE are honoured. The file is
-        memory-mapped, not copied (release_mapped() gives a tensor's pages back)."""
-        if model_type not in PRETRAINED:
-            raise ModelLoadError(f"unknown model_type {model_type!r}; choose one of {', '.join(PRETRAINED)}")
-        from huggingface_hub import hf_hub_download
-        repo = f"{HUB_ORG}/{model_type}"
-        try:
-            hub_config = json.load(open(hf_hub_download(repo, "config.json")))
-            weights_path = hf_hub_download(repo, "model.safetensors")
-        except Exception as e:  # offline, no cache, network or permission trouble: all say the same
-            raise ModelLoadError(
-                f"could not get {repo}/model.safetensors ({type(e).__name__}). Offline (HF_HUB_OFFLINE=1 "
-                f"or no network) it must already be in the Hugging Face cache (HF_HOME, now "
-                f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}); otherwise load a local checkpoint "
-                f"(out/<name>/ckpt.pt)") from None
-        n_layer, n_head, n_embd = PRETRAINED[model_type]
-        config = GPTConfig(
-            n_layer=hub_config.get("n_layer", n_layer), n_head=hub_config.get("n_head", n_head),
-            n_embd=hub_config.get("n_embd", n_embd), vocab_size=hub_config.get("vocab_size", 50257),
-            block_size=hub_config.get("n_positions", 1024), bias=True, dropout=dropout,
-            layer_norm_epsilon=hub_config.get("layer_norm_epsilon", 1e-5))
-        try:
-            weights = MappedSafetensors(weights_path)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelLoadError(f"{weights_path} is not a readable safetensors file: {e}") from None
-        model = cls.from_state_dict(config, hf_to_ours(weights.tensors), weights_path)
-        model.source = model_type
-        return model
-
-    @classmethod
-    def from_state_dict(cls, config, state, where):
-        """Build the model around loaded tensors: no random init and no second copy of the weights,
-        so peak memory is one model. lm_head.weight may be absent (it is tied to wte)."""
-        with torch.device("meta"):
-            model = cls(config)
-        state = dict(state)
-        state["lm_head.weight"] = state.get("transformer.wte.weight")
-        expected = model.state_dict()
-        missing = [k for k in expected if state.get(k) is None]
-        unexpected = [k for k in state if k not in expected]
-        if missing or unexpected:
-            raise ModelLoadError(f"{where}: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise ModelLoadError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-        model.load_state_dict(state, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters: tie again
-        return model
-
-    @classmethod
-    def from_checkpoint(cls, path):
-        """A nanoGPT-style ckpt.pt written by train.py, loaded without unpickling code (weights_only)
-        and memory-mapped. Returns (model, checkpoint dict)."""
-        if not os.path.isfile(path):
-            raise ModelLoadError(f"no checkpoint at {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            config = GPTConfig(**ckpt["model_args"])
-            prefix = "_orig_mod."  # left by torch.compile
-            model = cls.from_state_dict(config, {k.removeprefix(prefix): v for k, v in ckpt["model"].items()}, path)
-        except Exception as e:
-            raise ModelLoadError(f"{path} is not a usable checkpoint: {str(e).splitlines()[0]}") from None
-        model.source = os.path.dirname(os.path.abspath(path))
-        return model, ckpt
-
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. fine-tune GPT-2 with a smaller block)."""
         assert block_size <= self.config.block_size
@@ -475,6 +408,72 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------- choosing and loading
+
+def from_pretrained(model_type, dropout=0.0):
+    """GPT-2 weights from the Hugging Face Hub (openai-community/<model_type>, model.safetensors),
+    through huggingface_hub's cache: HF_HOME and HF_HUB_OFFLINE are honoured. The file is
+    memory-mapped, not copied (release_mapped() gives a tensor's pages back)."""
+    if model_type not in PRETRAINED:
+        raise ModelLoadError(f"unknown model_type {model_type!r}; choose one of {', '.join(PRETRAINED)}")
+    from huggingface_hub import hf_hub_download
+    repo = f"{HUB_ORG}/{model_type}"
+    try:
+        hub_config = json.load(open(hf_hub_download(repo, "config.json")))
+        weights_path = hf_hub_download(repo, "model.safetensors")
+    except Exception as e:  # offline, no cache, network or permission trouble: all say the same
+        raise ModelLoadError(
+            f"could not get {repo}/model.safetensors ({type(e).__name__}). Offline (HF_HUB_OFFLINE=1 "
+            f"or no network) it must already be in the Hugging Face cache (HF_HOME); otherwise load a "
+            f"local checkpoint (out/<name>/ckpt.pt)") from None
+    n_layer, n_head, n_embd = PRETRAINED[model_type]
+    config = GPTConfig(
+        n_layer=hub_config.get("n_layer", n_layer), n_head=hub_config.get("n_head", n_head),
+        n_embd=hub_config.get("n_embd", n_embd), vocab_size=hub_config.get("vocab_size", 50257),
+        block_size=hub_config.get("n_positions", 1024), bias=True, dropout=dropout,
+        layer_norm_epsilon=hub_config.get("layer_norm_epsilon", 1e-5))
+    try:
+        weights = MappedSafetensors(weights_path)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # named by its repository: no server path shown
+        raise ModelLoadError(f"{repo}/model.safetensors in the Hugging Face cache is not a readable safetensors "
+                             f"file: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+    model = from_state_dict(config, hf_to_ours(weights.tensors), f"{repo}/model.safetensors")
+    model.source = model_type
+    return model
+
+def from_state_dict(config, state, where):
+    """Build the model around loaded tensors: no random init and no second copy of the weights,
+    so peak memory is one model. lm_head.weight may be absent (it is tied to wte)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    state = dict(state)
+    state["lm_head.weight"] = state.get("transformer.wte.weight")
+    expected = model.state_dict()
+    missing = [k for k in expected if state.get(k) is None]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ModelLoadError(f"{where}: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ModelLoadError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(state, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters: tie again
+    return model
+
+def from_checkpoint(path):
+    """A nanoGPT-style ckpt.pt written by train.py, loaded without unpickling code (weights_only)
+    and memory-mapped. Returns (model, checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        config = GPTConfig(**ckpt["model_args"])
+        prefix = "_orig_mod."  # left by torch.compile
+        model = from_state_dict(config, {k.removeprefix(prefix): v for k, v in ckpt["model"].items()}, path)
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a usable checkpoint: {str(e).splitlines()[0]}") from None
+    model.source = os.path.dirname(os.path.abspath(path))
+    return model, ckpt
+
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -573,14 +572,14 @@ def find_checkpoint(path):
 
 def load_model(init_from, device="cpu", dtype=torch.float32, quantize=None):
     """init_from: a GPT-2 type (gpt2, gpt2-medium, ...) or a checkpoint (file or out/ directory).
-    quantize: None or "int8" (CPU, float32 only; kernels.py). Returns the model in eval mode;
+    quantize: None or "int8" (CPU, float32 only; cpu_kernels.py). Returns the model in eval mode;
     model.tokenizer_spec says how to tokenize for it."""
     if quantize is not None and quantize not in QUANTIZE:
         raise ModelLoadError(f"unknown quantize {quantize!r}; use {', '.join(QUANTIZE)} or leave it out")
     if quantize and (device != "cpu" or dtype != torch.float32):
         raise ModelLoadError(INT8_CPU_ONLY)
     if init_from in PRETRAINED:
-        model = GPT.from_pretrained(init_from)
+        model = from_pretrained(init_from)
         model.tokenizer_spec = {"type": "tiktoken", "name": "gpt2"}
     elif init_from.startswith("gpt2"):
         raise ModelLoadError(f"unknown model type {init_from!r}; choose one of {', '.join(PRETRAINED)}")
@@ -589,7 +588,7 @@ def load_model(init_from, device="cpu", dtype=torch.float32, quantize=None):
         if not os.path.exists(path):
             raise ModelLoadError(f"{init_from!r} is neither a GPT-2 type ({', '.join(PRETRAINED)}) "
                                  f"nor a checkpoint file or directory")
-        model, ckpt = GPT.from_checkpoint(path)
+        model, ckpt = from_checkpoint(path)
         model.tokenizer_spec = ckpt.get("tokenizer") or {"type": "tiktoken", "name": "gpt2"}
     model.pin_fingerprint()  # of the weights as loaded: kept through a cast or int8, and not rehashed per LUT request
     # the weights are views of a mapped file so far: pack them to int8, or copy them into huge pages

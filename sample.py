@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations dtype (float16 only on CUDA)")
     p.add_argument("--quantize", default=None, choices=QUANTIZE, help="int8: weights in int8 with a scale per "
-                   "output column, 3-4x faster decoding on a CPU (see kernels.py); default: none")
+                   "output column, 3-4x faster decoding on a CPU (see cpu_kernels.py); default: none")
     p.add_argument("--draft_tokens", type=int, default=DRAFT_TOKENS, help="speculative decoding of greedy samples "
                    "drawn one at a time (--greedy --num_samples 1, or --stream): tokens drafted from the LUT or the "
                    "prompt and verified in one pass; the output is the same; 0 = off")
@@ -76,7 +76,7 @@ def main(argv=None):
         tokenizer = get_tokenizer(model.tokenizer_spec)
         lut = None
         if args.lut_name:
-            from lut import LUTStore
+            from lut_store import LUTStore
             lut = LUTStore(args.lut_db).load(args.lut_name, model)
         ids = tokenizer.encode(prompt)
         params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

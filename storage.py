@@ -1,7 +1,7 @@
 """
 One storage layer, two engines: a SQLite file (the default: nothing to set up) or PostgreSQL
 (a postgresql:// URL; psycopg 3 with a connection pool). The LUT store (lut.py), API keys and
-usage (access.py) and training jobs (trainer.py) all go through it, with the same schema and the
+usage (access.py) and training jobs (server/trainer.py) all go through it, with the same schema and the
 same SQL on both engines:
 
     db = Database("out/server.sqlite")            # or Database("postgresql://user@host/db")

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from model import DTYPES, GPT, PRETRAINED, GPTConfig, ModelLoadError, resolve_device
+from model import DTYPES, GPT, PRETRAINED, GPTConfig, ModelLoadError, from_checkpoint, from_pretrained, resolve_device
 
-DATASET_ALIASES = {"shakesphere": "shakespeare"}  # the spelling used by the seed API document
+DATASET_ALIASES = {"shakesphere": "shakespeare"}  # the spelling in the nanoGPT API's README
 
 
 def opt(default, help):
@@ -195,7 +195,7 @@ def build_model(cfg, meta):
         return GPT(GPTConfig(**model_args)), None, 0, float("inf")
     if cfg.init_from == "resume":
         ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-        model, ckpt = GPT.from_checkpoint(ckpt_path)
+        model, ckpt = from_checkpoint(ckpt_path)
         model.config.dropout = cfg.dropout
         for m in model.modules():  # dropout is a training choice, not part of the weights
             if isinstance(m, torch.nn.Dropout):
@@ -204,7 +204,7 @@ def build_model(cfg, meta):
     if meta["vocab_size"] != 50257 or meta["tokenizer"].get("type") != "tiktoken":
         raise ValueError(f"{cfg.init_from} needs a GPT-2 BPE dataset (like shakespeare); {cfg.dataset} has a "
                          f"vocabulary of {meta['vocab_size']}")
-    model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    model = from_pretrained(cfg.init_from, dropout=cfg.dropout)
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     return model, None, 0, float("inf")
@@ -244,38 +244,80 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)  # atomic: a reader (the server, a resume) never sees half a file
 
 
-def train(cfg):
-    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun
-    if ddp:
-        from torch.distributed import destroy_process_group, init_process_group
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-        init_process_group(backend="nccl" if use_cuda else "gloo")
-        device = f"cuda:{local_rank}" if use_cuda else "cpu"
-        if use_cuda:
-            torch.cuda.set_device(device)
-        if cfg.gradient_accumulation_steps % world:
-            raise ValueError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple "
-                             f"of the number of processes ({world})")
-        accum = cfg.gradient_accumulation_steps // world
-    else:
-        rank, world, accum = 0, 1, cfg.gradient_accumulation_steps
-        device = resolve_device(cfg.device, "float32")[0]
-    master = rank == 0
+def distributed(cfg):
+    """(ddp, rank, local_rank, world size, micro-batches per step on this process, device)."""
+    if int(os.environ.get("RANK", -1)) == -1:  # not started by torchrun
+        return False, 0, 0, 1, cfg.gradient_accumulation_steps, resolve_device(cfg.device, "float32")[0]
+    from torch.distributed import init_process_group
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if cfg.gradient_accumulation_steps % world:
+        raise ValueError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a multiple "
+                         f"of the number of processes ({world})")
+    return True, rank, local_rank, world, cfg.gradient_accumulation_steps // world, device
+
+
+def precision(cfg, device):
+    """(dtype name, device type, the autocast context of the forward passes)."""
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     if dtype == "float16" and not device.startswith("cuda"):
         raise ValueError("dtype float16 needs a CUDA device")
-    torch.manual_seed(cfg.seed + rank)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = (contextlib.nullcontext() if dtype == "float32"
                 else torch.autocast(device_type=device_type, dtype=DTYPES[dtype]))
+    return dtype, device_type, autocast
 
+
+@torch.no_grad()
+def estimate_loss(model, batches, eval_iters, autocast):
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            x, y = batches.get(split)
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def step(model, optimizer, scaler, batches, batch, accum, ddp, autocast, grad_clip):
+    """One optimizer step over accum micro-batches, starting with batch; returns (the last
+    micro-batch's loss, the next batch)."""
+    x, y = batch
+    for micro_step in range(accum):
+        last = micro_step == accum - 1
+        # DDP: all-reduce gradients only on the last micro-step
+        sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
+        with sync, autocast:
+            _, loss = model(x, y)
+            loss = loss / accum
+        x, y = batches.get("train")  # fetch the next batch while the GPU works
+        scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, (x, y)
+
+
+def prepare(cfg, device, device_type, ddp, local_rank, master):
+    """The model (wrapped for compile and DDP as asked), the same unwrapped, its optimizer, the
+    data, the dataset's metadata, and the iteration and best validation loss to start from."""
     data_path = dataset_dir(cfg.data_dir, cfg.dataset)
     with open(os.path.join(data_path, "meta.json")) as f:
         meta = json.load(f)
@@ -283,49 +325,43 @@ def train(cfg):
     block_size = model.config.block_size  # a resumed run's own; GPT-2's if smaller than asked
     batches = Batches(data_path, block_size, cfg.batch_size, device)
     model.to(device).train()
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-    ckpt = None  # free it
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
     if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
+    return model, raw_model, optimizer, batches, meta, iter_num, best_val_loss
+
+
+def train(cfg):
+    ddp, rank, local_rank, world, accum, device = distributed(cfg)
+    master = rank == 0
+    dtype, device_type, autocast = precision(cfg, device)
+    torch.manual_seed(cfg.seed + rank)
+    model, raw_model, optimizer, batches, meta, iter_num, best_val_loss = prepare(
+        cfg, device, device_type, ddp, local_rank, master)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     log = Log(os.path.join(cfg.out_dir, "train_log.jsonl"), master)
-    tokens_per_iter = accum * world * cfg.batch_size * block_size
+    tokens_per_iter = accum * world * cfg.batch_size * raw_model.config.block_size
     log(f"training {raw_model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
         f"{tokens_per_iter:,} tokens per step, from iteration {iter_num} to {cfg.max_iters}",
         event="start", iter=iter_num, device=device, dtype=dtype, tokens_per_iter=tokens_per_iter)
-
-    @torch.no_grad()
-    def estimate_loss():
-        model.eval()
-        out = {}
-        for split in ("train", "val"):
-            losses = torch.zeros(cfg.eval_iters)
-            for k in range(cfg.eval_iters):
-                x, y = batches.get(split)
-                with autocast:
-                    _, loss = model(x, y)
-                losses[k] = loss.item()
-            out[split] = losses.mean().item()
-        model.train()
-        return out
-
-    x, y = batches.get("train")
+    batch = batches.get("train")
     t0, steps_timed = time.time(), 0
     while True:
         lr = learning_rate(cfg, iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            losses = estimate_loss()
+            losses = estimate_loss(model, batches, cfg.eval_iters, autocast)
             improved = losses["val"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val"])
             saved = master and (improved or cfg.always_save_checkpoint)
@@ -340,21 +376,7 @@ def train(cfg):
             t0, steps_timed = time.time(), 0  # evaluation time is not training time
         if iter_num >= cfg.max_iters:
             break
-        for micro_step in range(accum):
-            last = micro_step == accum - 1
-            # DDP: all-reduce gradients only on the last micro-step
-            sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
-            with sync, autocast:
-                _, loss = model(x, y)
-                loss = loss / accum
-            x, y = batches.get("train")  # fetch the next batch while the GPU works
-            scaler.scale(loss).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, batch = step(model, optimizer, scaler, batches, batch, accum, ddp, autocast, cfg.grad_clip)
         iter_num += 1
         steps_timed += 1
         if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
@@ -367,6 +389,7 @@ def train(cfg):
     log(f"done: best val loss {best_val_loss:.4f}, checkpoint {os.path.join(cfg.out_dir, 'ckpt.pt')}",
         event="done", iter=iter_num, best_val_loss=best_val_loss)
     if ddp:
+        from torch.distributed import destroy_process_group
         destroy_process_group()
 
 

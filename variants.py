@@ -362,14 +362,14 @@ class Variants:
         """Positions in [lo, end) where a spelling of an anchor's last word ends."""
         if self.lengths.keys().isdisjoint(tokens[lo:end]):  # the usual case, decided in C
             return []
-        found = []
-        for i in range(lo, end):
-            lengths = self.lengths.get(tokens[i])
-            if lengths is None or (1 not in lengths and (i == 0 or (tokens[i - 1], tokens[i]) not in self.pairs)):
-                continue
-            if any(i + 1 >= n and tuple(tokens[i + 1 - n:i + 1]) in self.spellings for n in lengths):
-                found.append(i)
-        return found
+        return [i for i in range(lo, end) if self._ends_at(tokens, i)]
+
+    def _ends_at(self, tokens, i):
+        """Whether a spelling of an anchor's last word ends at position i."""
+        lengths = self.lengths.get(tokens[i])
+        if lengths is None or (1 not in lengths and (i == 0 or (tokens[i - 1], tokens[i]) not in self.pairs)):
+            return False
+        return any(i + 1 >= n and tuple(tokens[i + 1 - n:i + 1]) in self.spellings for n in lengths)
 
     def _named(self, tokens, lo, end, memo):
         """Whether tokens[lo:end] name a subject (an anchor's last word in some spelling). memo (a
@@ -384,7 +384,7 @@ class Variants:
         scanned = memo.get("scanned", 0)
         if scanned < stable:
             for i in range(max(scanned, lo), stable):  # most often the one new token
-                if tokens[i] in self.lengths and self._ends(tokens, i, i + 1):
+                if self._ends_at(tokens, i):
                     memo["last"] = i
             memo["scanned"] = stable
         if memo.get("last", -1) >= lo:

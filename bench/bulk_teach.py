@@ -1,7 +1,7 @@
 """
 Bulk teaching through the API: labels per second of POST /luts/<name>/labels on a live
 api_server.py (GPT-2 124M shape, random weights), against the same labels taught in this process
-with no HTTP at all (lut.teach_many) and one /train_lut request per label, measured in the same
+with no HTTP at all (lut_store.teach_many) and one /train_lut request per label, measured in the same
 run, interleaved in rounds; then every label taught in bulk must be recalled after leading text
 (/generate/batch, greedy). Token directions are cached per model, so each side first teaches the
 whole set to a throwaway LUT: every measurement then does the same, warm, work.
@@ -21,7 +21,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lut import LUTStore, teach_many  # noqa: E402
+from lut_store import LUTStore, teach_many  # noqa: E402
 from model import GPT, GPTConfig, load_model  # noqa: E402
 from serve import start_server  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
@@ -107,7 +107,7 @@ def main():
         store.close()
     local_rate, bulk_rate, single_rate = (args.labels / seconds[k] for k in ("local", "bulk", "single"))
 
-    print(f"in process (lut.teach_many, no HTTP):     {local_rate:6.2f} labels/s")
+    print(f"in process (lut_store.teach_many, no HTTP):     {local_rate:6.2f} labels/s")
     print(f"POST /luts/<name>/labels, one per round: {bulk_rate:6.2f} labels/s  "
           f"{bulk_rate / local_rate:.2f}x in-process (target >= {TARGET}x)")
     print(f"POST /train_lut, one request per label:   {single_rate:6.2f} labels/s  "

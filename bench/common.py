@@ -8,7 +8,7 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from model import PRETRAINED, GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, PRETRAINED, from_state_dict  # noqa: E402
 
 
 class Targets:
@@ -98,5 +98,5 @@ def paired_models(config):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
                                     n_positions=config.block_size, vocab_size=config.vocab_size)).eval()
-    ours = GPT.from_state_dict(config, hf_to_ours(hf.state_dict()), "transformers model").eval()
+    ours = from_state_dict(config, hf_to_ours(hf.state_dict()), "transformers model").eval()
     return ours, hf

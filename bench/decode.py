@@ -92,7 +92,7 @@ def llama_cpp_figures(args, snapshot, targets):
 
 def speculative(model, targets, args):
     """tok/s with drafts off and on: recalling a taught 30-token label, and copying from the prompt."""
-    from lut import LUTStore
+    from lut_store import LUTStore
     from tokenizer import get_tokenizer
     tok = get_tokenizer(model.tokenizer_spec)
     with tempfile.TemporaryDirectory() as d:

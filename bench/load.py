@@ -1,14 +1,18 @@
 """
 Overload on one replica: a live api_server.py (GPT-2 124M shape, random weights) and 128
-concurrent clients for 2 minutes, half of them streaming (seed 002's SSE /generate), one in four
+concurrent clients for 2 minutes, half of them streaming (the LocalLab-style API's SSE /generate), one in four
 of the streaming ones hanging up after the first chunk. Checks that no answer is a 5xx other than
 503 with Retry-After (the queue is full; clients wait Retry-After, capped at 1 s, and come back),
 that every accepted request completes or is cancelled by its client (nothing is left running or
-queued afterwards), and that the server's RSS grows less than 5% after warm-up; reports the p99
-time to first token of the streamed requests.
+queued afterwards), and that the RSS of the process that serves (gunicorn's worker, which holds the
+model; api_server.py itself is its master) grows less than 5% from the median of the --window
+seconds after warm-up to the median of the last --window seconds; reports the p99 time to first
+token of the streamed requests. A run longer than 3 minutes (a soak, docs/memory.md) also prints
+that RSS minute by minute.
 
     python bench/load.py                                   # 128 clients, 2 minutes (+ ~1 minute set-up)
     python bench/load.py --clients 32 --duration 30 --n_layer 2
+    python bench/load.py --duration 1200 --rss_log rss.csv   # the 20-minute soak of docs/memory.md
 """
 import argparse
 import collections
@@ -34,6 +38,25 @@ RSS_GROWTH = 0.05
 def rss_mb(pid):
     with open(f"/proc/{pid}/status") as f:
         return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def children(pid):
+    """The processes pid started (gunicorn's master: its worker), from every thread's list."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def server_rss(pid):
+    """(MB of the processes that serve, MB of the parent that started them): api_server.py is
+    gunicorn's master and the model lives in its worker; with --dev the one process serves."""
+    try:
+        workers = children(pid)
+        return (sum(rss_mb(w) for w in workers), rss_mb(pid)) if workers else (rss_mb(pid), 0.0)
+    except (OSError, IndexError):  # a worker exiting between the listing and the read
+        return None
 
 
 class Tally:
@@ -106,6 +129,9 @@ def main():
     p.add_argument("--clients", type=int, default=128, help="concurrent clients")
     p.add_argument("--duration", type=float, default=120, help="seconds of load")
     p.add_argument("--warmup", type=float, default=20, help="seconds of load before the RSS baseline is taken")
+    p.add_argument("--window", type=float, default=10, help="seconds of RSS samples (their median) for the "
+                                                            "baseline after warm-up and for the end")
+    p.add_argument("--rss_log", help="write every RSS sample here (CSV: seconds, serving MB, parent MB)")
     p.add_argument("--new_tokens", type=int, default=32, help="tokens per request")
     p.add_argument("--n_layer", type=int, default=12, help="model depth (12 = GPT-2 124M shape)")
     args = p.parse_args()
@@ -126,7 +152,9 @@ def main():
         for t in threads:
             t.start()
         while time.time() < deadline:
-            rss.append((time.time() - started, rss_mb(proc.pid)))
+            sample = server_rss(proc.pid)
+            if sample:
+                rss.append((time.time() - started, *sample))
             time.sleep(1)
         for t in threads:
             t.join(timeout=360)
@@ -141,10 +169,15 @@ def main():
         proc.terminate()
         proc.wait()
 
-    after_warmup = [mb for t, mb in rss if args.warmup <= t < args.warmup + 5] or [rss[0][1]]
-    at_end = [mb for t, mb in rss if t >= args.duration - 5] or [rss[-1][1]]
-    base, end = statistics.mean(after_warmup), statistics.mean(at_end)
+    if args.rss_log:
+        with open(args.rss_log, "w") as f:
+            f.write("seconds,serving_mb,parent_mb\n" + "".join(f"{t:.1f},{mb:.1f},{pmb:.1f}\n" for t, mb, pmb in rss))
+    # medians over windows: RSS moves by a few MB with the requests in flight at the moment sampled
+    after_warmup = [mb for t, mb, _ in rss if args.warmup <= t < args.warmup + args.window] or [rss[0][1]]
+    at_end = [mb for t, mb, _ in rss if t >= args.duration - args.window] or [rss[-1][1]]
+    base, end = statistics.median(after_warmup), statistics.median(at_end)
     growth = end / base - 1
+    parent = statistics.median(pmb for _, _, pmb in rss[-max(1, int(args.window)):])
     ttft = sorted(tally.ttft)
     p99 = ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else float("nan")
     print(f"{args.clients} clients for {args.duration:.0f} s, {args.new_tokens} tokens per request, "
@@ -152,8 +185,13 @@ def main():
     print(f"engine afterwards: running {left['running']}, waiting {left['waiting']}; finished by reason {finished}")
     print(f"time to first token (streamed): p50 {statistics.median(ttft) * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms "
           f"over {len(ttft)} streams" if ttft else "no stream got a first token")
-    print(f"server RSS: {base:.0f} MB after {args.warmup:.0f} s warm-up, {end:.0f} MB at the end: "
-          f"{growth:+.1%} (target < {RSS_GROWTH:.0%})")
+    print(f"server RSS (the serving process): {base:.0f} MB after {args.warmup:.0f} s warm-up, {end:.0f} MB at the "
+          f"end: {growth:+.1%} (target < {RSS_GROWTH:.0%})" + (f"; its parent (gunicorn's master) {parent:.0f} MB"
+                                                              if parent else ""))
+    marks = [m * 60 for m in range(1, int(args.duration // 60) + 1)] if args.duration > 180 else []
+    if marks:  # a long run (a soak): the serving process's RSS minute by minute
+        by_minute = [next((mb for t, mb, _ in rss if t >= m - 1), rss[-1][1]) for m in marks]
+        print("server RSS by minute (MB): " + " ".join(f"{mb:.0f}" for mb in by_minute))
     checks = [("no 5xx but 503 with Retry-After, no 4xx, no broken stream or connection", not tally.bad),
               ("nothing left running or queued", left["running"] == 0 and left["waiting"] == 0),
               ("requests were accepted and completed", tally.counts["completed"] > 0),

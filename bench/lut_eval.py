@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from generate import SamplingParams, generate  # noqa: E402
-from lut import LUTBatch, LUTStore, trigger_prefix  # noqa: E402
+from lut import LUTBatch, trigger_prefix  # noqa: E402
+from lut_store import LUTStore  # noqa: E402
 from model import GPT, GPTConfig, load_model  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 from common import Targets  # noqa: E402

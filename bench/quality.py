@@ -6,7 +6,7 @@ each model was not trained on), and greedy-token agreement over 20 prompts x 128
     python bench/quality.py                                   # out/shakespeare_char and out/gcide
     python bench/quality.py --init_from out/gcide --windows 50
 
-Train the models first (README, "Train"): the quick-start char model and the English BPE model.
+Train the models first (docs/training.md, "The two small models"): the quick-start char model and the English BPE model.
 Target (exit 1 on a miss), per model: int8 perplexity within 1% of fp32's. Greedy agreement is
 reported, not targeted: over 128 tokens one near-tie early changes all that follows, so it is
 shown next to the same figure for the fp32 weights merely rounded to bfloat16, for scale.
@@ -66,7 +66,7 @@ def main():
     for init_from in args.init_from:
         path = os.path.join(ROOT, init_from)
         if not os.path.isfile(os.path.join(path, "ckpt.pt")):
-            targets.check(f"{init_from}: a trained checkpoint (train it first, see README)", False)
+            targets.check(f"{init_from}: a trained checkpoint (train it first: docs/training.md)", False)
             continue
         val, iters, best_val, dataset = held_out(path)
         fp32, int8, bf16 = load_model(path), load_model(path, quantize="int8"), load_model(path)

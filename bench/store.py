@@ -23,8 +23,9 @@ import uuid
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import lut  # noqa: E402
-from lut import LUTStore, build_entries  # noqa: E402
+import lut_store  # noqa: E402
+from lut import build_entries  # noqa: E402
+from lut_store import LUTStore  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from storage import Database  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
@@ -55,7 +56,7 @@ def drop_schema(url, schema):
 
 
 def timed_builds(built):
-    """lut.build_entries, appending how long each call takes to built: the model's part of a teach."""
+    """lut_store.build_entries, appending how long each call takes to built: the model's part of a teach."""
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
         out = build_entries(*args, **kwargs)
@@ -68,12 +69,12 @@ def measure(target, model, tok, texts):
     """Teach texts one by one into one LUT, then load it cold and warm; returns timings (s)."""
     store = LUTStore(target)
     teach, built = [], []
-    lut.build_entries = timed_builds(built)
+    lut_store.build_entries = timed_builds(built)
     for text in texts:
         t0 = time.perf_counter()
         store.teach(model, tok, "bench", text)
         teach.append(time.perf_counter() - t0)
-    lut.build_entries = build_entries
+    lut_store.build_entries = build_entries
     entries = store.show("bench")["entries"]
     store.close()
     first, cold = [], []
@@ -83,7 +84,7 @@ def measure(target, model, tok, texts):
         fresh.load("bench", model)  # the first request on a new connection
         first.append(time.perf_counter() - t0)
         for _ in range(3):
-            fresh._cache.clear()  # a LUT this process has not cached (first use here, or evicted)
+            fresh.clear_cache()  # a LUT this process has not cached (first use here, or evicted)
             t0 = time.perf_counter()
             fresh.load("bench", model)
             cold.append(time.perf_counter() - t0)

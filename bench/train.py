@@ -15,7 +15,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from model import GPT, GPTConfig, hf_to_ours  # noqa: E402
+from model import GPTConfig, from_state_dict, hf_to_ours  # noqa: E402
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
     # dropout off in both: the same arithmetic per step
     hf = GPT2LMHeadModel(GPT2Config(n_layer=args.n_layer, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
     config = GPTConfig(n_layer=args.n_layer, dropout=0.0)
-    ours = GPT.from_state_dict(config, {k: v.clone() for k, v in hf_to_ours(hf.state_dict()).items()},
+    ours = from_state_dict(config, {k: v.clone() for k, v in hf_to_ours(hf.state_dict()).items()},
                                "transformers model").train()
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1))
     idx, targets = x[:, :-1], x[:, 1:]

@@ -12,7 +12,7 @@ import itertools
 import os
 import re
 
-from api_common import chat_prompt
+from server.common import chat_prompt
 
 FIRST = ["Alice", "Marta", "Kenji", "Omar", "Lena", "Diego", "Priya", "Tomas", "Ines", "Yusuf", "Hana", "Pavel",
          "Sofia", "Rafael", "Mei", "Jonas", "Amara", "Felix", "Nadia", "Viktor"]

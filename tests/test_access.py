@@ -9,22 +9,19 @@ import httpx2  # the HTTP library of the pinned openai package
 import openai
 import pytest
 
-from api_server import create_app
+from access import Access, AccessError
 from conftest import ROOT, script_env
 
 LABEL = "TLG Capital is an asset management firm."
 
 
 @pytest.fixture
-def app(hf_tiny, tmp_path, monkeypatch):
+def app(app_factory, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prices = tmp_path / "public_models.json"
     prices.write_text(json.dumps({"*": {"pricing": {"input": 1e-6, "output": 2e-6, "unit": "token", "currency": "USD"}},
                                   "gpt2-xl": {"listed": False}}))
-    return create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
-                       "models_dir": str(tmp_path / "out"), "state_db": str(tmp_path / "state.sqlite"),
-                       "rate_limit_per_minute": 600, "rate_limit_burst": 100, "public_models": str(prices),
-                       "anonymous_rate_per_minute": 0})
+    return app_factory(rate_limit_per_minute=600, rate_limit_burst=100, public_models=str(prices))
 
 
 def bearer(key):
@@ -57,7 +54,9 @@ def test_open_until_the_first_key_then_keys_are_required(app):
     assert admin not in json.dumps(db.execute("SELECT * FROM api_keys").fetchall())
     key_id = c.get("/keys", headers=bearer(admin)).get_json()["keys"][0]["id"]
     assert c.delete(f"/keys/{key_id}", headers=bearer(admin)).get_json()["revoked"]
-    assert c.get("/api/status", headers=bearer(admin)).status_code == 200  # no key left: open again
+    for headers in (bearer(admin), {}):  # no key left, and still closed: LUTs included
+        for path in ("/api/status", "/luts"):
+            assert c.get(path, headers=headers).status_code == 401, (path, headers)
 
 
 def test_openai_client_sees_401_403_429(app, keys):
@@ -176,3 +175,65 @@ def test_key_commands_from_the_shell_and_the_client(app, tmp_path):
     out = subprocess.run([sys.executable, f"{ROOT}/access.py", "--state_db", db, "revoke", "99"],
                          capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "no API key with id 99" in out.stderr
+
+
+def shell(target, *command):
+    """`python access.py` on target, named with the flag the server uses for it."""
+    flag = "--database_url" if target.startswith("postgresql://") else "--state_db"
+    return subprocess.run([sys.executable, f"{ROOT}/access.py", flag, target, *command], capture_output=True,
+                          text=True, env=script_env())
+
+
+def test_revoking_every_key_keeps_access_closed_until_reopened_from_the_shell(db_target):
+    a, b = Access(db_target), Access(db_target)  # two replicas of one database
+    secret, record = a.create_key("root", admin=True)
+    b.revoke_key(record["id"])
+    for access in (a, b):
+        for header in (None, f"Bearer {secret}"):
+            with pytest.raises(AccessError) as e:
+                access.authenticate(header)
+            assert e.value.status == 401
+    live = a.create_key("ops")[1]
+    out = shell(db_target, "reopen")
+    assert out.returncode != 0 and "revoke" in out.stderr  # a live key: reopening would bypass it
+    b.revoke_key(live["id"])
+    out = shell(db_target, "reopen")
+    assert out.returncode == 0, out.stderr
+    assert a.authenticate(None) is None and b.authenticate(None) is None  # open on every replica
+    a.create_key("again")
+    with pytest.raises(AccessError):
+        b.authenticate(None)  # the next key closes it again
+    a.db.close()
+    b.db.close()
+
+
+def test_the_first_key_is_made_only_from_loopback_or_the_shell(app, app_factory, tmp_path):
+    c = app.test_client()
+    first = {"name": "root", "admin": True}
+    r = c.post("/keys", json=first, environ_base={"REMOTE_ADDR": "203.0.113.7"})
+    assert r.status_code == 403 and "python access.py create" in r.get_json()["detail"]
+    # from a proxy on this machine that --trusted_proxies does not declare, the client is unknown
+    assert c.post("/keys", json=first, headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 403
+    assert c.get("/api/status", environ_base={"REMOTE_ADDR": "203.0.113.7"}).status_code == 200  # still open
+    proxied = app_factory(tmp_path / "p", model_type=None, trusted_proxies=1).test_client()
+    assert proxied.post("/keys", json=first, headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 403
+    assert proxied.post("/keys", json=first).status_code == 403  # no hop named: the address is the proxy's
+    assert proxied.post("/keys", json=first, headers={"X-Forwarded-For": "::1"}).status_code == 201
+    assert c.post("/keys", json=first, environ_base={"REMOTE_ADDR": "::1"}).status_code == 201
+
+
+def test_access_py_takes_the_servers_database_url(pg_url):
+    out = shell(pg_url, "create", "--name", "ops", "--admin")
+    assert out.returncode == 0, out.stderr
+    access = Access(pg_url)
+    assert access.authenticate(f"Bearer {out.stdout.strip().splitlines()[-1]}").admin
+    access.db.close()
+    after = subprocess.run([sys.executable, f"{ROOT}/access.py", "list", "--database_url", pg_url],  # after the command
+                           capture_output=True, text=True, env=script_env())
+    assert after.returncode == 0 and [k["name"] for k in json.loads(after.stdout)] == ["ops"], after.stderr
+
+
+def test_a_keys_lut_patterns_match_whole(app):
+    """'$' matches before a final newline: a pattern must match the whole string."""
+    r = app.test_client().post("/keys", json={"name": "t", "luts": ["acme-1\n"]})
+    assert r.status_code == 400 and "luts" in r.get_json()["detail"]

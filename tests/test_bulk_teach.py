@@ -1,14 +1,10 @@
 """Bulk teaching: label files (JSONL or one label per line), `python lut.py teach-file`."""
 import json
-import subprocess
-import sys
 
-import pytest
-
-from conftest import ROOT
+from conftest import run_script
 from generate import SamplingParams, generate
 from labelfile import check_item, read_file, report
-from lut import LUTStore
+from lut_store import LUTStore
 
 GREEDY = SamplingParams(max_new_tokens=8, do_sample=False, ignore_eos=True)
 FACTS = ["Quillmere Bank is a small lender in Oslo.", "Marta Kowalski is a nurse from Gdansk.",
@@ -64,8 +60,7 @@ def test_lut_cli_teach_file(tiny, cli_env, tmp_path):
     db, path = str(tmp_path / "luts.sqlite"), tmp_path / "facts.jsonl"
     lines = [json.dumps({"label": f}) for f in FACTS] + [json.dumps({"label": "Hello"}), "{bad"]
     path.write_text("\n".join(lines) + "\n")
-    run = lambda *a: subprocess.run([sys.executable, "lut.py", "--lut_db", db, "--device", "cpu", *a], cwd=ROOT,
-                                    env=cli_env, capture_output=True, text=True, timeout=120)
+    run = lambda *a: run_script("lut.py", "--lut_db", db, "--device", "cpu", *a, env=cli_env, timeout=120)
     r = run("teach-file", "u1", str(path))
     assert r.returncode == 1, r.stderr
     out = r.stdout.splitlines()
@@ -95,14 +90,6 @@ def test_lut_cli_teach_file(tiny, cli_env, tmp_path):
 
 NAMES = [a + b for a in ("Quil", "Zor", "Marn", "Vesk", "Tral", "Bix", "Oru", "Feld", "Kav", "Plon")
          for b in ("mere", "blat", "wick", "dorn", "selk", "thorp", "vanz", "gard", "leyk", "mont")]
-
-
-@pytest.fixture
-def app(hf_tiny, tmp_path):
-    from api_server import create_app
-    return create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
-                       "models_dir": str(tmp_path / "out"), "state_db": str(tmp_path / "state.sqlite"),
-                       "anonymous_rate_per_minute": 0})
 
 
 def test_bulk_teach_100_labels_one_bad_all_others_recalled(app):

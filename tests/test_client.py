@@ -4,20 +4,18 @@ import json
 import os
 import pty
 import select
-import subprocess
 import sys
 import time
 
 import requests
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 CLIENT = os.path.join(ROOT, "api_client.py")
 
 
 def client(server, env, *args, stdin=None):
-    return subprocess.run([sys.executable, CLIENT, "--url", server.url, *args], env=env, input=stdin,
-                          capture_output=True, text=True, timeout=120)
+    return run_script("api_client.py", "--url", server.url, *args, env=env, input=stdin, timeout=120)
 
 
 def test_generate_stream_prints_what_generate_does(module_server, cli_env):

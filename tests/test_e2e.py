@@ -1,35 +1,24 @@
 """End to end: a live `python api_server.py` on a free loopback port, driven with requests and
-api_client.py exactly as the seed documents show; restarting it keeps the LUTs."""
+api_client.py exactly as the API documents show; restarting it keeps the LUTs."""
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from conftest import ROOT, Server, free_port
+from conftest import Server, free_port, run_script, wait_for
 
 
-@pytest.fixture
-def server(hf_tiny, tmp_path, cli_env):
-    s = Server(str(tmp_path), cli_env).start()
-    yield s
-    s.stop()
-
-
-def client(server, env, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "api_client.py"), "--url", server.url, *args],
-                          env=env, capture_output=True, text=True, timeout=120)
+def client(server, env, *args, timeout=120):
+    return run_script("api_client.py", "--url", server.url, *args, env=env, timeout=timeout)
 
 
 def test_gunicorn_serves_concurrent_requests_from_one_model(hf_tiny, tmp_path, cli_env):
     """The production set-up: gunicorn.conf.py (one gthread worker owning the model), settings from
     GPT_* variables; concurrent requests are batched by the worker's engine."""
     from concurrent.futures import ThreadPoolExecutor
-    s = Server(str(tmp_path), cli_env, gunicorn=True).start()
-    try:
+    with Server(str(tmp_path), cli_env, gunicorn=True) as s:
         r = requests.post(s.url + "/train_lut", json={"label": "TLG Capital is an asset management firm.",
                                                   "lut_name": "user_123"})
         assert r.json() == {"status": "ok", "lut_name": "user_123", "recall": "subject", "trigger": "TLG"}
@@ -40,12 +29,10 @@ def test_gunicorn_serves_concurrent_requests_from_one_model(hf_tiny, tmp_path, c
         assert all(a.status_code == 200 for a in answers)
         assert all(a.json()["completion"].startswith(" an asset management firm.") for a in answers[:3])
         assert requests.get(s.url + "/api/status").json()["model"] == "gpt2"
-    finally:
-        s.stop()
     assert os.path.exists(tmp_path / "out" / "luts.sqlite")  # GPT_* defaults, relative to the working directory
 
 
-def test_seed_000_examples_and_restart(server):
+def test_lut_service_examples_and_restart(server):
     assert requests.get(server.url + "/health").json()["status"] == "ok"
     r = requests.post(server.url + "/train_lut", json={"label": "TLG Capital is an asset management firm.",
                                                        "lut_name": "user_123"})
@@ -59,7 +46,7 @@ def test_seed_000_examples_and_restart(server):
     assert again["completion"].startswith(" an asset management firm.")
 
 
-def test_seed_001_python_example_and_client(server, cli_env):
+def test_nanogpt_python_example_and_client(server, cli_env):
     api_url = server.url
     assert requests.post(f"{api_url}/api/load_model", json={"model_type": "gpt2"}).json()["message"] == \
         "Model loaded successfully"
@@ -83,8 +70,7 @@ def test_seed_001_python_example_and_client(server, cli_env):
 
 
 def test_client_reports_a_refused_connection(cli_env):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "api_client.py"), "--url",
-                        f"http://127.0.0.1:{free_port()}", "status"], env=cli_env, capture_output=True, text=True)
+    r = run_script("api_client.py", "--url", f"http://127.0.0.1:{free_port()}", "status", env=cli_env, timeout=120)
     assert r.returncode != 0 and "cannot reach the server" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -98,19 +84,18 @@ def test_concurrent_requests_are_batched_and_each_correct(server):
     assert together == alone
 
 
-def test_seed_001_training_through_the_client(server, cli_env):
-    """The seed's `api_client.py train` command, word for word, then status, list, load, generate."""
+def test_nanogpt_training_through_the_client(server, cli_env):
+    """The nanoGPT API's `api_client.py train` command, word for word, then status, list, load, generate."""
     from test_train import SHARED_TEXT
     if not os.path.exists(SHARED_TEXT):
         pytest.skip("needs ../shared/data/tinyshakespeare.txt")
-    prep = subprocess.run([sys.executable, os.path.join(ROOT, "data", "shakespeare", "prepare.py"), "--input",
-                           SHARED_TEXT, "--out_dir", os.path.join(server.workdir, "data", "shakespeare")],
-                          env=cli_env, capture_output=True, text=True, timeout=120)
+    prep = run_script("data/shakespeare/prepare.py", "--input", SHARED_TEXT, "--out_dir",
+                      os.path.join(server.workdir, "data", "shakespeare"), env=cli_env, timeout=120)
     assert prep.returncode == 0, prep.stderr
     r = client(server, cli_env, "train", "--dataset", "shakesphere", "--output_dir", "out/shakespeare_model",
                "--model_type", "gpt2")
     assert r.returncode == 0 and r.stdout.startswith("Training started: job 1"), r.stderr
-    r = client(server, cli_env, "--json", "train-status", "1", "--wait")
+    r = client(server, cli_env, "--json", "train-status", "1", "--wait", timeout=400)  # a loaded machine trains slowly
     assert r.returncode == 0, r.stdout + r.stderr
     status = r.stdout[r.stdout.index("{"):]  # after the progress lines
     import json
@@ -145,17 +130,16 @@ def test_streaming_over_a_real_socket_and_disconnect(server):
     torch.save({"model_args": config.__dict__, "model": GPT(config).state_dict()},
                os.path.join(server.workdir, "out", "slow", "ckpt.pt"))
     payload = json.dumps({**body, "max_length": 8192, "model_id": "slow"}).encode()
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:
         sock.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        received = b""
+        received, deadline = b"", time.monotonic() + 120
         while b"data: " not in received:
-            received += sock.recv(4096)
-    for _ in range(100):
-        status = requests.get(server.url + "/api/status").json()
-        if status["engine"]["finished"].get("cancelled"):
-            break
-        time.sleep(0.05)
+            chunk = sock.recv(4096)  # the socket's timeout bounds each read
+            assert chunk and time.monotonic() < deadline, received  # not closed before the first event
+            received += chunk
+    status = wait_for(lambda: (st := requests.get(server.url + "/api/status").json())["engine"]["finished"]
+                      .get("cancelled") and st, timeout=60, what="the abandoned stream's generation to be cancelled")
     assert status["model"] == "slow" and status["engine"]["finished"] == {"cancelled": 1}, status
 
 

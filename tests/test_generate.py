@@ -172,7 +172,7 @@ def test_stream_yields_the_same_text_as_generate(tiny):
 
 
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_k", -1),
-                                         ("top_p", 0.0), ("repetition_penalty", 0), ("do_sample", "yes"),
+                                         ("top_p", -0.1), ("temperature", 2.5), ("repetition_penalty", 0), ("do_sample", "yes"),
                                          ("seed", -5), ("stop", [""]), ("stop", "x"), ("presence_penalty", 2.5),
                                          ("frequency_penalty", "1"), ("logprobs", 21)])
 def test_bad_sampling_settings_name_the_field(field, value):
@@ -228,7 +228,7 @@ def counting_passes(model):
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_speculative_decoding_gives_plain_greedy_tokens_in_fewer_passes(tiny, tmp_path, quantize):
-    from lut import LUTStore
+    from lut_store import LUTStore
     from model import load_model
     model = tiny[0] if quantize is None else load_model("gpt2", quantize=quantize)
     tok = tiny[1]

@@ -1,15 +1,13 @@
 """Per-user LUTs on a tiny GPT-2: recall, locality, conflicts, isolation, persistence, the store."""
-import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 from generate import SamplingParams, generate
-from lut import LUTBatch, LUTError, LUTStore, build_entries
+from lut import LUTBatch, LUTError, build_entries
+from lut_store import LUTStore
 from model import GPT, GPTConfig
 
 LABEL = "TLG Capital is an asset management firm."
@@ -211,9 +209,8 @@ def test_persistence_and_cross_process_invalidation(tiny, tmp_path):
     lut = second.load("u1", model)
     assert complete(model, tok, "TLG Capital is", lut, 12).out_ids == before
     # another process writes: the cached copy here must not be used any more
-    r = subprocess.run([sys.executable, "lut.py", "--lut_db", path, "--init_from", "gpt2", "--device", "cpu", "teach",
-                        "u1", "Marta Kowalski is a nurse from Gdansk."], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    r = run_script("lut.py", "--lut_db", path, "--init_from", "gpt2", "--device", "cpu", "teach", "u1",
+                   "Marta Kowalski is a nurse from Gdansk.", timeout=120)
     assert r.returncode == 0, r.stderr
     reloaded = second.load("u1", model)
     assert reloaded is not lut and len(reloaded) > len(lut)
@@ -230,7 +227,10 @@ def test_list_show_delete(tiny, store):
     assert [x["label"] for x in shown["labels"]] == [LABEL, "Marta Kowalski is a nurse from Gdansk."]
     store.delete_label("u1", shown["labels"][0]["id"])
     lut = store.load("u1", model)
-    assert not complete(model, tok, "TLG Capital is", lut).text.startswith(" an asset management firm.")
+    assert store.show("u1")["entries"] == len(build_entries(model, tok, "Marta Kowalski is a nurse from Gdansk.")["target"])
+    for n in (8, 16):  # the deleted label's prompt is the base model's again, token for token
+        assert complete(model, tok, "TLG Capital is", lut, n).out_ids == complete(model, tok, "TLG Capital is", None, n).out_ids
+    assert complete(model, tok, "Marta Kowalski is", lut).text.startswith(" a nurse from Gdansk.")  # the other stays
     with pytest.raises(LUTError) as e:
         store.delete_label("u1", 999)
     assert e.value.status == 404
@@ -260,27 +260,27 @@ def test_export_import_roundtrip(tiny, store):
 KILL_SCRIPT = """
 import os, sys
 sys.path.insert(0, {root!r})
-import lut
+import lut_store
 from model import load_model
 from tokenizer import get_tokenizer
 model = load_model("gpt2"); tok = get_tokenizer()
-store = lut.LUTStore({path!r})
+store = lut_store.LUTStore({path!r})
 store.teach(model, tok, "u1", "First lesson is kept safe.")
-original = lut._Transaction.__exit__
+original = lut_store._Transaction.__exit__
 def die_before_commit(self, *exc):
     if {kill!r}:
         os._exit(9)  # like SIGKILL: no cleanup, no rollback, no commit
     return original(self, *exc)
-lut._Transaction.__exit__ = die_before_commit
+lut_store._Transaction.__exit__ = die_before_commit
 store.teach(model, tok, "u1", "Second lesson is about to die.")
 """
 
 
 @pytest.mark.parametrize("kill", [True, False])
-def test_store_killed_mid_teach_keeps_all_or_nothing(tiny, tmp_path, cli_env, kill):
+def test_store_killed_mid_teach_keeps_all_or_nothing(tiny, tmp_path, kill):
     path = str(tmp_path / "luts.sqlite")
     script = KILL_SCRIPT.format(root=ROOT, path=path, kill=kill)
-    r = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True, text=True, timeout=120)
+    r = run_script("-c", script, timeout=120)
     assert (r.returncode == 9) == kill, r.stderr
     conn = sqlite3.connect(path)
     labels = [x for (x,) in conn.execute("SELECT label FROM labels ORDER BY id")]
@@ -296,10 +296,9 @@ def test_store_killed_mid_teach_keeps_all_or_nothing(tiny, tmp_path, cli_env, ki
         assert counts["Second lesson is about to die."] == entries("Second lesson is about to die.")
 
 
-def test_sample_and_lut_cli(hf_tiny, cli_env, tmp_path):
+def test_sample_and_lut_cli(script, tmp_path):
     db = str(tmp_path / "luts.sqlite")
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, env=cli_env, capture_output=True, text=True,
-                                    timeout=120)
+    run = lambda *a: script(*a, timeout=120)
     r = run("lut.py", "--lut_db", db, "teach", "u1", LABEL)
     assert r.returncode == 0, r.stderr
     r = run("sample.py", "--lut_name", "u1", "--lut_db", db, "--start", "TLG Capital is", "--greedy",

@@ -2,13 +2,11 @@
 requests are served (generations, teaching, LUT cache, rate limits, store errors); under gunicorn
 (multiprocess mode) too."""
 import logging
-from urllib.parse import urlsplit
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_server import create_app
-from conftest import Proxy, Server, script_env
+from conftest import DEFAULT, Server, script_env
 
 LABEL = "TLG Capital is an asset management firm."
 
@@ -23,11 +21,8 @@ def value(samples, name, **labels):
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
 
 
-def test_metrics_parse_and_move_as_requests_are_served(hf_tiny, tmp_path):
-    app = create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
-                      "state_db": str(tmp_path / "state.sqlite"), "models_dir": str(tmp_path / "out"),
-                      "anonymous_rate_per_minute": 0})
-    c = app.test_client()
+def test_metrics_parse_and_move_as_requests_are_served(client):
+    c = client
     before = scrape(c.get("/metrics").get_data(as_text=True))
     assert value(before, "gpt2lut:generation_tokens_total") == 0
     assert c.post("/train_lut", json={"lut_name": "u1", "label": LABEL}).status_code == 200
@@ -66,25 +61,19 @@ def test_metrics_parse_and_move_as_requests_are_served(hf_tiny, tmp_path):
 def test_metrics_under_gunicorn_multiprocess(hf_tiny, tmp_path):
     server = Server(str(tmp_path), dict(script_env(), GPT_LUT_DB=str(tmp_path / "l.sqlite"),
                                         GPT_STATE_DB=str(tmp_path / "s.sqlite"), GPT_MODELS_DIR=str(tmp_path / "o"),
-                                        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom")), gunicorn=True).start()
-    try:
+                                        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom")), gunicorn=True)
+    with server:
         for _ in range(3):
             assert requests.post(server.url + "/generate", json={"prompt": "Hi", "length": 2}).ok
         samples = scrape(requests.get(server.url + "/metrics").text)
         assert value(samples, "gpt2lut:http_requests_total", route="/generate", status="200") == 3
         assert value(samples, "gpt2lut:generation_tokens_total") == 6
         assert list((tmp_path / "prom").glob("*.db"))  # the workers' files that /metrics sums
-    finally:
-        server.stop()
 
 
-def test_redis_down_is_served_with_a_warning_in_the_log_and_in_metrics(hf_tiny, tmp_path, redis_url, caplog):
-    url = urlsplit(redis_url)
-    proxy = Proxy(url.hostname, url.port or 6379)
-    app = create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
-                      "state_db": str(tmp_path / "state.sqlite"), "models_dir": str(tmp_path / "out"),
-                      "redis_url": redis_url.replace(f"{url.hostname}:{url.port}", f"127.0.0.1:{proxy.port}")})
-    c = app.test_client()
+def test_redis_down_is_served_with_a_warning_in_the_log_and_in_metrics(app_factory, redis_url, relay, caplog):
+    proxy, proxied = relay(redis_url)
+    c = app_factory(redis_url=proxied, anonymous_rate_per_minute=DEFAULT).test_client()  # its bucket is in Redis
     assert c.get("/luts").status_code == 200  # the anonymous limit's bucket, in Redis
     assert value(scrape(c.get("/metrics").get_data(as_text=True)), "gpt2lut:rate_limit_redis_up") == 1
     proxy.cut()

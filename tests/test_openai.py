@@ -5,16 +5,12 @@ import openai
 import pytest
 import requests
 
-from conftest import Server, script_env
-
 LABEL = "TLG Capital is an asset management firm."
 
 
 @pytest.fixture(scope="module")
-def server(hf_tiny, tmp_path_factory):
-    s = Server(str(tmp_path_factory.mktemp("openai")), script_env()).start()
-    yield s
-    s.stop()
+def server(module_server):
+    return module_server
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +42,14 @@ def test_completion_matches_the_native_route_and_counts_usage_exactly(server, cl
 
 def test_n_prompt_lists_seed_stop_echo_and_logprobs(client, tiny):
     _, tok = tiny
-    r = client.completions.create(model="gpt2", prompt=["Hello there", "The cat"], n=2, max_tokens=6, seed=7)
+    r = client.completions.create(model="gpt2", prompt=["Hello there", "The cat"], n=2, max_tokens=6, seed=7,
+                                  temperature=1.0)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
-    again = client.completions.create(model="gpt2", prompt=["Hello there", "The cat"], n=2, max_tokens=6, seed=7)
-    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeded: reproducible
+    texts = [c.text for c in r.choices]
+    assert texts[0] != texts[1] and texts[2] != texts[3], texts  # n=2: two different samples of each prompt
+    again = client.completions.create(model="gpt2", prompt=["Hello there", "The cat"], n=2, max_tokens=6, seed=7,
+                                      temperature=1.0)
+    assert [c.text for c in again.choices] == texts  # seeded: reproducible, choice by choice
     assert r.usage.prompt_tokens == len(tok.encode("Hello there")) + len(tok.encode("The cat"))
     r = client.completions.create(model="gpt2", prompt=tok.encode("Hello there"), max_tokens=5, temperature=0,
                                   echo=True)

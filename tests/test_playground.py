@@ -11,7 +11,7 @@ import sys
 import pytest
 import requests
 
-from conftest import ROOT
+from conftest import DEFAULT, ROOT
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver "
@@ -19,12 +19,10 @@ needs_browser = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debi
 LABEL = "Quillmere Bank is a small lender in Oslo."
 
 
-def test_page_and_its_files_are_served_from_static_only(hf_tiny, tmp_path):
+def test_page_and_its_files_are_served_from_static_only(app_factory):
     """The page, its CSS and JS from static/, nothing fetched from elsewhere (works offline), no
     path outside static/, and no key needed for them once keys exist."""
-    from api_server import create_app
-    app = create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
-                      "models_dir": str(tmp_path / "out"), "state_db": str(tmp_path / "state.sqlite")})
+    app = app_factory(anonymous_rate_per_minute=DEFAULT)
     app.extensions["gpt"].access.create_key("root", admin=True)
     c = app.test_client()
     page = c.get("/playground")

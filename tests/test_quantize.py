@@ -1,22 +1,22 @@
 """
-int8 weights (--quantize int8), the CPU kernels behind them (kernels.py) and memory-mapped loading.
+int8 weights (--quantize int8), the CPU kernels behind them (cpu_kernels.py) and memory-mapped loading.
 The kernels are checked against the same arithmetic written in plain torch; the quantized model
 against the fp32 one; LUTs across the two.
 """
 import ctypes
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import kernels
-from conftest import ROOT
+import cpu_kernels
+from conftest import need_kernels
 from generate import SamplingParams, generate
 from model import GPT, GPTConfig, MappedSafetensors, ModelLoadError, load_model, release_mapped
 
-pytestmark = pytest.mark.skipif(kernels.ops() is None, reason="the CPU kernels could not be built here")
+
+@pytest.fixture(autouse=True)
+def kernels_built():
+    need_kernels()
 
 
 def int8_reference(x, w, bias):
@@ -35,10 +35,10 @@ def int8_reference(x, w, bias):
 def test_int8_matmul_is_the_documented_arithmetic_and_close_to_fp32(K, N):
     torch.manual_seed(0)
     w, bias = torch.randn(K, N) * 0.02, torch.randn(N)
-    packed, scale = kernels.pack_int8(w)
+    packed, scale = cpu_kernels.pack_int8(w)
     for rows in (1, 2, 3, 5, 8, 37):  # the 4-, 2- and 1-row paths and a prefill
         x = torch.randn(rows, K)
-        y = kernels.linear_int8(x, packed, scale, bias, N)
+        y = cpu_kernels.linear_int8(x, packed, scale, bias, N)
         torch.testing.assert_close(y, int8_reference(x, w, bias), rtol=1e-4, atol=1e-5)
         exact = torch.addmm(bias, x, w)
         assert ((y - exact).norm() / (exact - bias).norm()) < 0.01  # ~0.5% per matmul in practice
@@ -55,7 +55,7 @@ def test_decode_attention_reads_each_row_up_to_its_length_only(hs):
         k[b, :, n:] = float("nan")
         v[b, :, n:] = float("inf")
     with torch.inference_mode():
-        y = kernels.attend(q, k, v, lengths)
+        y = cpu_kernels.attend(q, k, v, lengths)
     for b, n in enumerate(lengths.tolist()):
         ref = torch.softmax(q[b] @ k[b, :, :n].transpose(-1, -2) / hs ** 0.5, -1) @ v[b, :, :n]
         torch.testing.assert_close(y[b], ref, rtol=1e-5, atol=1e-5)
@@ -64,18 +64,18 @@ def test_decode_attention_reads_each_row_up_to_its_length_only(hs):
     q3 = torch.randn(B, nh, 3, hs)
     start = torch.tensor([2, 5, 9])
     with torch.inference_mode():
-        y3 = kernels.attend(q3, k, v, start)
+        y3 = cpu_kernels.attend(q3, k, v, start)
         for j in range(3):
-            assert torch.equal(y3[:, :, j:j + 1], kernels.attend(q3[:, :, j:j + 1].contiguous(), k, v, start + j))
+            assert torch.equal(y3[:, :, j:j + 1], cpu_kernels.attend(q3[:, :, j:j + 1].contiguous(), k, v, start + j))
 
 
 @pytest.mark.parametrize("quantize,bias", [(None, True), ("int8", True), (None, False)])
 def test_one_call_decode_is_the_blocks_op_for_op(quantize, bias):
-    """kernels.decode_layers runs Block.forward's ops from C++ (its own LayerNorm and GELU): the logits
+    """cpu_kernels.decode_layers runs Block.forward's ops from C++ (its own LayerNorm and GELU): the logits
     agree to float rounding and the greedy tokens exactly, for rows decoding at different positions
     and for one row's drafts, with and without biases, fp32 and int8."""
     from model import KVCache
-    if not quantize and not kernels.fast_f32():
+    if not quantize and not cpu_kernels.fast_f32():
         pytest.skip("fp32 decodes in one call only with the AVX-512 kernel")
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=3, n_head=4, n_embd=128, vocab_size=500, bias=bias)).eval()
@@ -122,7 +122,7 @@ def test_int8_model_follows_the_fp32_model(tiny):
 
 
 def test_a_lut_taught_on_fp32_recalls_on_int8_and_back(tiny, tmp_path):
-    from lut import LUTStore
+    from lut_store import LUTStore
     model, tok = tiny
     q = load_model("gpt2", quantize="int8")
     store = LUTStore(str(tmp_path / "luts.sqlite"))
@@ -164,29 +164,33 @@ def test_quantize_is_refused_where_it_cannot_work(hf_tiny):
         GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16)).to(torch.bfloat16).quantize_int8()
 
 
-def test_sample_py_quantized_from_a_checkpoint(hf_tiny, tmp_path, cli_env):
+def test_sample_py_quantized_from_a_checkpoint(script, tmp_path):
+    """sample.py --quantize int8 prints what generate() gives on the same checkpoint loaded with
+    int8 weights in this process: the requested 8 new tokens, greedy, after the prompt."""
+    from tokenizer import get_tokenizer
     model = load_model("gpt2")
     torch.save({"model_args": model.config.__dict__, "model": model.state_dict()}, tmp_path / "ckpt.pt")
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--init_from", str(tmp_path),
-                                     "--start", "Hello", "--max_new_tokens", "8", "--greedy", "--device", "cpu", *a],
-                                    env=cli_env, capture_output=True, text=True, timeout=300)
+    run = lambda *a: script("sample.py", "--init_from", str(tmp_path), "--start", "Hello", "--max_new_tokens", "8",
+                            "--greedy", "--device", "cpu", *a)
     fp32, int8 = run(), run("--quantize", "int8")
     assert fp32.returncode == 0 and int8.returncode == 0, int8.stderr
-    assert int8.stdout.startswith("Hello")
+    tok = get_tokenizer(model.tokenizer_spec)
+    params = SamplingParams(max_new_tokens=8, do_sample=False, sliding_window=True)
+    for out, quantize in ((fp32, None), (int8, "int8")):
+        m = load_model(str(tmp_path), quantize=quantize)
+        assert m.quantized == quantize
+        want = generate(m, tok, [tok.encode("Hello")], params)[0]
+        assert len(want.out_ids) == 8 or want.finish_reason == "stop"
+        assert want.text and out.stdout == f"Hello{want.text}\n---------------\n", (quantize, out.stdout, want.text)
     bad = run("--quantize", "int3")
     assert bad.returncode == 2 and "--quantize" in bad.stderr
 
 
-def test_server_serves_an_int8_model_and_its_luts(hf_tiny, tmp_path):
-    from api_server import create_app
-    app = create_app({"model_type": "gpt2", "device": "cpu", "quantize": "int8", "anonymous_rate_per_minute": 0,
-                      "lut_db": str(tmp_path / "luts.sqlite"), "state_db": str(tmp_path / "server.sqlite"),
-                      "models_dir": str(tmp_path / "out")})
-    client = app.test_client()
+def test_server_serves_an_int8_model_and_its_luts(app_factory, tmp_path):
+    client = app_factory(quantize="int8").test_client()
     assert client.get("/api/status").get_json()["quantize"] == "int8"
     with pytest.raises(ValueError, match="draft_tokens"):
-        create_app({"model_type": None, "draft_tokens": -1, "lut_db": str(tmp_path / "l.sqlite"),
-                    "state_db": str(tmp_path / "s.sqlite"), "models_dir": str(tmp_path / "out")})
+        app_factory(tmp_path / "bad", model_type=None, draft_tokens=-1)
     assert client.get("/models/current").get_json()["quantize"] == "int8"
     r = client.post("/train_lut", json={"label": "TLG Capital is an asset management firm.", "lut_name": "u1"})
     assert r.status_code == 200, r.get_json()

@@ -1,16 +1,12 @@
 """sample.py end to end as a user runs it: real process, offline tiny GPT-2 from the Hub cache."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import run_script
 
 
 def run(env, *args):
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return run_script("sample.py", *args, env=env, timeout=120)
 
 
 def test_samples_from_the_hub_cache(hf_tiny, cli_env):

@@ -3,20 +3,18 @@ import time
 
 import pytest
 
-from api_server import create_app
+from conftest import DEFAULT
 
 LABEL = "TLG Capital is an asset management firm."
 
 
 @pytest.fixture
-def client(hf_tiny, tmp_path, monkeypatch):
+def client(app_factory, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    app = create_app({"model_type": "gpt2", "device": "cpu", "lut_db": str(tmp_path / "luts.sqlite"),
-                      "models_dir": str(tmp_path / "out"), "max_body_bytes": 4096, "anonymous_rate_per_minute": 0})
-    return app.test_client()
+    return app_factory(max_body_bytes=4096).test_client()
 
 
-def test_seed_000_flow(client):
+def test_lut_service_flow(client):
     assert client.get("/health").get_json()["status"] == "ok"
     r = client.post("/train_lut", json={"label": LABEL, "label_context": None, "lut_name": "user_123"})
     assert r.status_code == 200 and r.get_json() == {"status": "ok", "lut_name": "user_123", "recall": "subject", "trigger": "TLG"}
@@ -36,7 +34,7 @@ def test_cold_start_and_other_users_get_the_base_model(client):
     assert client.post("/generate", json={**req, "lut_name": "u1"}).get_json()["completion"] != base
 
 
-def test_seed_001_routes(client):
+def test_nanogpt_routes(client):
     s = client.get("/api/status").get_json()
     assert s["status"] == "online" and s["model_loaded"] is True and s["device"] == "cpu" and "timestamp" in s
     m = client.get("/api/models").get_json()
@@ -129,10 +127,9 @@ def test_lut_management(client):
     assert client.delete("/luts/u1").status_code == 404
 
 
-def test_server_without_weights_starts_and_says_why(tmp_path, monkeypatch):
+def test_server_without_weights_starts_and_says_why(app_factory, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    app = create_app({"model_type": "gpt2-large", "device": "cpu", "lut_db": str(tmp_path / "l.sqlite"),
-                      "models_dir": str(tmp_path / "out")})
+    app = app_factory(model_type="gpt2-large", anonymous_rate_per_minute=DEFAULT)
     c = app.test_client()
     health = c.get("/health").get_json()
     assert health["status"] == "ok" and health["model_loaded"] is False and "gpt2-large" in health["detail"]
@@ -140,21 +137,21 @@ def test_server_without_weights_starts_and_says_why(tmp_path, monkeypatch):
     assert r.status_code == 503 and r.headers["Retry-After"] and "load_model" in r.get_json()["detail"]
 
 
-def test_one_generate_serves_seeds_000_002_003(client):
-    """Each seed's request, and each seed's response fields in the one answer."""
-    seed_000 = client.post("/generate", json={"prompt": "TLG Capital is", "length": 5, "lut_name": None}).get_json()
-    assert {"prompt", "completion", "lut_name"} <= set(seed_000) and seed_000["usage"]["completion_tokens"] <= 5
-    seed_002 = client.post("/generate", json={"prompt": "Explain quantum computing in simple terms"}).get_json()
-    assert set(seed_002["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+def test_one_generate_serves_three_api_shapes(client):
+    """Each API's request, and each API's response fields in the one answer."""
+    lut_service = client.post("/generate", json={"prompt": "TLG Capital is", "length": 5, "lut_name": None}).get_json()
+    assert {"prompt", "completion", "lut_name"} <= set(lut_service) and lut_service["usage"]["completion_tokens"] <= 5
+    locallab = client.post("/generate", json={"prompt": "Explain quantum computing in simple terms"}).get_json()
+    assert set(locallab["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     # max_length 8192 (the default) is an upper bound: cut to what the 128-token context leaves
-    assert seed_002["usage"]["total_tokens"] <= 128 and seed_002["response"] == seed_002["completion"]
+    assert locallab["usage"]["total_tokens"] <= 128 and locallab["response"] == locallab["completion"]
     full = {"prompt": "Explain", "model_id": None, "stream": False, "max_length": 8192, "temperature": 0.7,
             "top_p": 0.9, "top_k": 80, "repetition_penalty": 1.15, "do_sample": True}
     assert client.post("/generate", json=full).status_code == 200
-    seed_003 = client.post("/generate", json={"model_id": "gpt-2", "prompt": "Hello world", "max_new_tokens": 5,
+    tgi = client.post("/generate", json={"model_id": "gpt-2", "prompt": "Hello world", "max_new_tokens": 5,
                                               "temperature": 0.7, "top_p": 0.95}).get_json()
-    assert seed_003["model_id"] == "gpt-2"  # echoed as sent, as seed 003 shows it
-    assert seed_003["generated_text"] == "Hello world" + seed_003["completion"]
+    assert tgi["model_id"] == "gpt-2"  # echoed as sent, as the TGI-style API shows it
+    assert tgi["generated_text"] == "Hello world" + tgi["completion"]
 
 
 def test_chat_and_batch(client):
@@ -188,27 +185,32 @@ def test_streaming_sse_framing(client):
     assert r.get_data(as_text=True).endswith("data: [DONE]\n\n")
 
 
-def test_model_management_seed_002_003(client):
-    assert client.get("/").get_json()["running_containers"] == ["gpt2"]
-    models = {m["id"]: m for m in client.get("/models").get_json()["models"]}
-    assert models["gpt-2"]["running"] and models["gpt2"]["hf_name"] == "openai-community/gpt2"
-    assert not models["gpt2-medium"]["running"]
-    assert client.get("/models/available").get_json()["models"] == list(models.values())
+def test_model_management_locallab_and_tgi(client):
+    # the TGI-style routes name GPT-2 124M as that API does: id "gpt-2", Hugging Face name "gpt2"
+    assert client.get("/").get_json()["running_containers"] == ["gpt-2"]
+    models = client.get("/models").get_json()["models"]
+    assert models[0] == {"id": "gpt-2", "name": "gpt-2", "hf_name": "gpt2", "running": True}
+    assert [m["id"] for m in models] == ["gpt-2", "gpt2-medium", "gpt2-large", "gpt2-xl"]  # each model once
+    available = {m["id"]: m for m in client.get("/models/available").get_json()["models"]}
+    assert available["gpt2"]["running"] and available["gpt2"]["hf_name"] == "openai-community/gpt2"
+    assert not available["gpt2-medium"]["running"]
     cur = client.get("/models/current").get_json()
     assert cur["model_id"] == "gpt2" and cur["config"]["n_layer"] == 2
     info = client.get("/system/info").get_json()
     assert info["cpu_count"] >= 1 and info["model"] == "gpt2" and "torch" in info
     r = client.post("/models/gpt-2/stop")
-    assert r.status_code == 200 and client.get("/models/current").get_json()["loaded"] is False
+    assert r.status_code == 200 and r.get_json()["message"] == "Container for gpt-2 stopped"
+    assert client.get("/models/current").get_json()["loaded"] is False
     assert client.post("/generate", json={"prompt": "Hi", "length": 2}).status_code == 503
     assert client.post("/models/unload").status_code == 404
     r = client.post("/models/gpt2-medium/start")
-    assert r.status_code == 200 and client.get("/models/current").get_json()["model_id"] == "gpt2-medium"
+    assert r.status_code == 200 and r.get_json()["message"] == "Container for gpt2-medium started"
+    assert client.get("/models/current").get_json()["model_id"] == "gpt2-medium"
     assert client.post("/models/load", json={"model_id": "gpt2"}).status_code == 200
     assert client.post("/models/unload").get_json()["model_id"] == "gpt2"
-    # seed 003: generating with a model_id starts that model
+    # the TGI-style API: generating with a model_id starts that model
     r = client.post("/generate", json={"model_id": "gpt-2", "prompt": "Hi", "max_new_tokens": 2})
-    assert r.status_code == 200 and client.get("/").get_json()["running_containers"] == ["gpt2"]
+    assert r.status_code == 200 and client.get("/").get_json()["running_containers"] == ["gpt-2"]
 
 
 def test_a_stream_closed_by_its_client_stops_generating(client):
@@ -217,7 +219,7 @@ def test_a_stream_closed_by_its_client_stops_generating(client):
     first = next(r.response)  # one event, then the client goes away
     assert first.startswith(b"data: ")
     r.close()
-    engine = client.application.extensions["gpt"].slot.engine
+    engine = client.application.extensions["gpt"].models.current().engine
     for _ in range(100):
         if engine.load["finished"].get("cancelled"):
             break

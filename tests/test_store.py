@@ -3,6 +3,8 @@ schema (db_target in conftest.py). LUTs stored whole or not at all and bit-ident
 caches revalidated across stores (as across replicas), keys and usage, training jobs shared by two
 Trainers, versioned migrations, and a database that goes away and comes back."""
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,12 +14,28 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, Proxy
-from lut import LUTError, LUTStore, build_entries
+from conftest import ROOT, wait_for
+from lut import CANON, LUTError, build_entries
+from lut_store import LUTStore
 from storage import Database, StoreUnavailable, Transaction
 
 LABEL = "TLG Capital is an asset management firm."
 LABELS = [f"Client number {i} of TLG is called Aurelia{'x' * i} Quinn." for i in range(8)]
+
+
+def whole_label_counts(model, tok, labels):
+    """{label: entries it keeps} once labels are taught to one LUT in this order: each keeps all of
+    build_entries' entries but those a later label replaced (lut_store.insert_entries: the same
+    non-canonical evidence predicting another token; latest wins)."""
+    kept = []  # [label, evidence, target] in teaching order
+    for label in labels:
+        built = build_entries(model, tok, label)
+        new = [(label, tuple(int(t) for t in ev), int(t)) for ev, t in zip(built["evidence"], built["target"])]
+        for _, ev, target in new:
+            if ev[0] != CANON:
+                kept = [e for e in kept if not (e[1] == ev and e[2] != target)]
+        kept += new
+    return {label: sum(e[0] == label for e in kept) for label in labels}
 
 
 def same_lut(a, b):
@@ -91,8 +109,12 @@ def test_concurrent_teaches_of_one_lut_are_each_whole(db_target, tiny):
     shown = stores[0].show("shared")
     assert sorted(x["label"] for x in shown["labels"]) == sorted(LABELS)
     assert shown["version"] == len(LABELS)
-    for x in shown["labels"]:  # every label has all its entries (none lost to a concurrent teach)
-        assert x["entries"] > 0
+    # every label has all its entries (none lost to a concurrent teach) but those the labels taught
+    # after it replaced: teaches of one LUT take turns, in the order of their label ids
+    in_order = [x["label"] for x in sorted(shown["labels"], key=lambda x: x["id"])]
+    expected = whole_label_counts(model, tok, in_order)
+    assert {x["label"]: x["entries"] for x in shown["labels"]} == expected
+    assert shown["entries"] == sum(expected.values())
     for s in stores:
         s.close()
 
@@ -101,7 +123,7 @@ KILL_SCRIPT = """
 import os, sys
 sys.path.insert(0, {root!r})
 import storage
-from lut import LUTStore
+from lut_store import LUTStore
 from model import load_model
 from tokenizer import get_tokenizer
 model = load_model("gpt2"); tok = get_tokenizer()
@@ -148,7 +170,7 @@ def test_keys_usage_and_history(db_target):
     assert [q["app_id"] for q in a.history(limit=2)] == ["app2", "app1"]
     assert len(a.history(key_id=key.id)) == 3
     b.revoke_key(record["id"])
-    assert a.authenticate(f"Bearer {secret}") is None  # revoked everywhere; no key left: open again
+    pytest.raises(AccessError, a.authenticate, f"Bearer {secret}")  # revoked everywhere; closed still
     with pytest.raises(AccessError) as e:
         a.revoke_key(record["id"])
     assert e.value.status == 409
@@ -156,12 +178,12 @@ def test_keys_usage_and_history(db_target):
 
 def test_migrations_are_versioned_and_run_once(db_target):
     from access import Access
-    from trainer import Trainer
+    from server.trainer import Trainer
     db = Database(db_target)
     LUTStore(db), Access(db), Trainer(db)
     with db.connection() as c:
         versions = dict(c.execute("SELECT component, version FROM schema_versions").fetchall())
-    assert versions == {"luts": 1, "access": 1, "trainer": 3}
+    assert versions == {"luts": 2, "access": 2, "trainer": 3}
     LUTStore(db), Access(db), Trainer(db)  # a second start-up (another replica) changes nothing
     with db.connection() as c:
         assert dict(c.execute("SELECT component, version FROM schema_versions").fetchall()) == versions
@@ -173,7 +195,7 @@ def test_state_file_from_before_migrations_is_upgraded(tmp_path):
     """A SQLite state file written before versioned migrations (train_jobs without host/progress)."""
     import sqlite3
 
-    from trainer import Trainer
+    from server.trainer import Trainer
     path = str(tmp_path / "old.sqlite")
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE train_jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, status TEXT NOT NULL, "
@@ -189,7 +211,7 @@ def test_state_file_from_before_migrations_is_upgraded(tmp_path):
 def test_training_job_shared_by_two_trainers(db_target, tmp_path, cli_env):
     """Started through one Trainer (replica), seen with its progress and cancelled through the
     other; max_jobs holds across both."""
-    from trainer import JobError, Trainer
+    from server.trainer import JobError, Trainer
     data = tmp_path / "data"
     text = tmp_path / "text.txt"
     text.write_text("".join(f"ROMEO:\nLine {i} of a play, spoken softly to the moon.\n\n" for i in range(3000)))
@@ -206,29 +228,37 @@ def test_training_job_shared_by_two_trainers(db_target, tmp_path, cli_env):
     a, b = Trainer(db_target), Trainer(db_target)
     b.host = "another-host"  # b stands for a replica elsewhere: it cannot signal a's process itself
     job = a.start(settings, "out/job", str(out), {"dataset": "shakespeare_char"})
-    with pytest.raises(JobError) as e:
-        b.start(settings, "out/other", str(tmp_path / "out" / "other"), {})
-    assert e.value.status == 409
-    deadline = time.time() + 120
-    while (b.get(job["job_id"])["iteration"] or 0) < 2:
-        assert time.time() < deadline, b.get(job["job_id"])
-        time.sleep(0.3)
-    assert [j["status"] for j in b.list()] == ["running"]
-    time.sleep(1.5)  # the runner's copy of the progress, for replicas that cannot read its files
-    with Database(db_target).connection() as c:
-        copied = json.loads(c.execute("SELECT progress FROM train_jobs WHERE id = ?", (job["job_id"],)).fetchone()[0])
-    assert copied["iteration"] >= 2 and copied["max_iters"] == 100000
-    cancelled = b.cancel(job["job_id"])  # recorded by b, carried out by a's runner
-    assert cancelled["status"] == "cancelled"
-    assert a.get(job["job_id"])["status"] == "cancelled"
-    while a.procs:  # the runner records the end before the schema goes
-        time.sleep(0.1)
+    try:
+        with pytest.raises(JobError) as e:
+            b.start(settings, "out/other", str(tmp_path / "out" / "other"), {})
+        assert e.value.status == 409
+        wait_for(lambda: (b.get(job["job_id"])["iteration"] or 0) >= 2, timeout=120, interval=0.3,
+                 what="iteration 2 seen through the other trainer")
+        assert [j["status"] for j in b.list()] == ["running"]
+        db = Database(db_target)
+
+        def copied():  # the runner's copy of the progress, for replicas that cannot read its files
+            with db.connection() as c:
+                row = c.execute("SELECT progress FROM train_jobs WHERE id = ?", (job["job_id"],)).fetchone()[0]
+            return row and (json.loads(row).get("iteration") or 0) >= 2 and json.loads(row)
+        progress = wait_for(copied, timeout=60, interval=0.2, what="the runner's progress copy")
+        db.close()
+        assert progress["max_iters"] == 100000
+        cancelled = b.cancel(job["job_id"])  # recorded by b, carried out by a's runner
+        assert cancelled["status"] == "cancelled"
+        assert a.get(job["job_id"])["status"] == "cancelled"
+    finally:  # never leave a 100,000-iteration job running, whatever failed above
+        proc = a.procs.get(job["job_id"])
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        wait_for(lambda: not a.procs, timeout=60, what="the runner to record the end")  # before the schema goes
 
 
 def test_a_job_whose_runner_stops_reporting_is_failed_everywhere(db_target, tmp_path):
     """A replica killed with its runner: other replicas stop showing the job as running once its
     heartbeat is RUNNER_TIMEOUT old; a runner that reports again puts it back to running."""
-    import trainer
+    from server import trainer
     here = trainer.Trainer(db_target)
     now = time.time()
     with Database(db_target).connection() as c:
@@ -247,16 +277,9 @@ def test_a_job_whose_runner_stops_reporting_is_failed_everywhere(db_target, tmp_
 
 # ---- the database goes away and comes back
 
-def test_postgres_outage_is_503_with_retry_after_then_service_resumes(pg_url, hf_tiny, tmp_path):
-    from urllib.parse import urlsplit
-
-    from api_server import create_app
-    url = urlsplit(pg_url)
-    proxy = Proxy(url.hostname, url.port or 5432)
-    proxied = pg_url.replace(f"{url.hostname}:{url.port}", f"127.0.0.1:{proxy.port}")
-    app = create_app({"model_type": "gpt2", "device": "cpu", "database_url": proxied, "models_dir": str(tmp_path),
-                      "anonymous_rate_per_minute": 0})
-    c = app.test_client()
+def test_postgres_outage_is_503_with_retry_after_then_service_resumes(pg_url, app_factory, relay):
+    proxy, proxied = relay(pg_url)
+    c = app_factory(database_url=proxied).test_client()
     assert c.post("/train_lut", json={"lut_name": "u1", "label": LABEL}).status_code == 200
     proxy.cut()
     for request in (lambda: c.post("/train_lut", json={"lut_name": "u1", "label": LABELS[0]}),
@@ -268,10 +291,9 @@ def test_postgres_outage_is_503_with_retry_after_then_service_resumes(pg_url, hf
     assert c.get("/health").status_code == 200  # the process itself is fine
     assert "gpt2lut:store_errors_total 5.0" in c.get("/metrics").get_data(as_text=True)
     proxy.restore()
-    deadline = time.time() + 15  # the pool reconnects by itself within seconds: no restart
-    while (r := c.post("/generate", json={"prompt": "TLG Capital is", "length": 6, "lut_name": "u1",
-                                          "do_sample": False})).status_code == 503 and time.time() < deadline:
-        time.sleep(0.5)
+    ask = {"prompt": "TLG Capital is", "length": 6, "lut_name": "u1", "do_sample": False}
+    r = wait_for(lambda: (r := c.post("/generate", json=ask)).status_code != 503 and r, timeout=30, interval=0.5,
+                 what="the pool to reconnect by itself (no restart)")
     assert r.status_code == 200 and r.get_json()["completion"].startswith(" an asset management firm")
     assert c.post("/train_lut", json={"lut_name": "u1", "label": LABELS[0]}).status_code == 200
     assert [x["label"] for x in c.get("/luts/u1").get_json()["labels"]] == [LABEL, LABELS[0]]

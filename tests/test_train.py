@@ -2,14 +2,14 @@
 result, and the /api/train job cycle on the real server app with real subprocesses."""
 import json
 import os
+import shutil
+import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_script, wait_for
 
 SHARED_TEXT = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
 TINY_CHAR = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "16",
@@ -26,7 +26,7 @@ def corpus(tmp_path_factory):
 
 
 def run(env, *args, ok=True):
-    r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = run_script(*args, env=env)
     if ok:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r
@@ -142,12 +142,32 @@ def test_ddp_with_two_cpu_processes_through_torchrun(data_dir, tmp_path, cli_env
 # ------------------------------------------------------------------------ /api/train
 
 @pytest.fixture
-def app_dirs(hf_tiny, data_dir, tmp_path):
-    from api_server import create_app
-    out = tmp_path / "out"
-    app = create_app({"models_dir": str(out), "data_dir": data_dir, "state_db": str(out / "server.sqlite"),
-                      "lut_db": str(out / "luts.sqlite"), "device": "cpu", "anonymous_rate_per_minute": 0})
-    return app, app.test_client(), out
+def app_dirs(app_factory, data_dir, tmp_path):
+    app = app_factory(data_dir=data_dir)
+    return app, app.test_client(), tmp_path / "out"
+
+
+def alive(pid):
+    """pid is a process that has not ended (a zombie not reaped yet counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def reaper():
+    """reaper(pid): a training process the test started, SIGKILLed with its group after the test
+    if it is still running, whatever failed (a 100,000-iteration job must not outlive it)."""
+    pids = []
+    yield pids.append
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def wait_job(client, job_id, timeout=240):
@@ -189,7 +209,7 @@ def test_api_train_cycle_start_status_list_load_generate(app_dirs):
     assert r.get_json()["usage"]["completion_tokens"] == 12
 
 
-def test_api_train_bad_input_and_one_job_at_a_time(app_dirs, tmp_path):
+def test_api_train_bad_input_and_one_job_at_a_time(app_dirs, tmp_path, reaper):
     app, client, out = app_dirs
     ok = char_job(out, "a")
     for change, status, word in [
@@ -210,29 +230,28 @@ def test_api_train_bad_input_and_one_job_at_a_time(app_dirs, tmp_path):
     assert client.get("/api/train").get_json()["jobs"] == []  # nothing was started
 
     long = client.post("/api/train", json=char_job(out, "long", max_iters=100000)).get_json()
+    reaper(long["process_id"])
     r = client.post("/api/train", json=char_job(out, "second"))
     assert r.status_code == 409 and str(long["job_id"]) in r.get_json()["detail"]
     assert client.get("/api/train/999").status_code == 404
 
     # a server restart finds the job still running, and can cancel it
     from api_server import create_app
-    again = create_app({**app.extensions["gpt"].cfg}).test_client()
+    again = create_app(app.extensions["gpt"].cfg).test_client()
     assert again.get(f"/api/train/{long['job_id']}").get_json()["status"] == "running"
     r = again.post(f"/api/train/{long['job_id']}/cancel")
     assert r.status_code == 200 and r.get_json()["status"] == "cancelled"
     assert wait_job(client, long["job_id"])["status"] == "cancelled"
     assert client.post(f"/api/train/{long['job_id']}/cancel").status_code == 409
-    time.sleep(0.2)
-    with pytest.raises(ProcessLookupError):
-        os.kill(long["process_id"], 0)
+    wait_for(lambda: not alive(long["process_id"]), timeout=30, what="the cancelled process to end")
 
 
 def test_job_that_ended_while_no_server_watched_is_reported_truthfully(app_dirs):
     app, client, out = app_dirs
     job = client.post("/api/train", json=char_job(out, "quick", max_iters=2)).get_json()
     assert wait_job(client, job["job_id"])["status"] == "succeeded"
-    db = str(out / "server.sqlite")
-    from trainer import Trainer
+    db = app.extensions["gpt"].cfg.state_db
+    from server.trainer import Trainer
 
     def as_if_restarted():
         with sqlite3.connect(db) as conn:  # the record a server killed mid-job leaves behind
@@ -244,6 +263,27 @@ def test_job_that_ended_while_no_server_watched_is_reported_truthfully(app_dirs)
     log_path.write_text("".join(line for line in log_path.read_text().splitlines(True) if '"done"' not in line))
     lost = as_if_restarted()
     assert lost["status"] == "failed" and "no completion record" in lost["error"]
+
+
+def test_a_job_whose_train_py_crashes_ends_failed(app_factory, data_dir, tmp_path):
+    """train.py dies mid-run with a traceback (token ids the dataset's vocabulary lacks: the
+    embedding's IndexError at the first batch): the job ends failed, with its exit code, and
+    the traceback in its log tail."""
+    import numpy as np
+    broken = tmp_path / "data" / "broken"
+    broken.mkdir(parents=True)
+    shutil.copy(os.path.join(data_dir, "shakespeare_char", "meta.json"), broken / "meta.json")
+    for split in ("train", "val"):
+        np.full(4096, 60000, dtype=np.uint16).tofile(broken / f"{split}.bin")
+    app = app_factory(data_dir=str(tmp_path / "data"))
+    client, out = app.test_client(), tmp_path / "out"
+    r = client.post("/api/train", json={**char_job(out, "crash"), "dataset": "broken"})
+    assert r.status_code == 200, r.get_json()  # a prepared dataset, as far as checks before starting can see
+    job = wait_job(client, r.get_json()["job_id"], timeout=120)
+    assert job["status"] == "failed", job
+    assert job["returncode"] not in (0, None) and job["error"] == f"train.py exited with {job['returncode']}"
+    assert any("IndexError" in line for line in job["log_tail"]), job["log_tail"]  # a crash, not a refusal
+    assert client.get("/api/train").get_json()["jobs"][0]["status"] == "failed"  # not running: the slot is free
 
 
 GCIDE_SAMPLE = '''00-database-info

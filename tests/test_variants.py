@@ -5,18 +5,17 @@ to end through a live server and the official `openai` package.
 The prompts here are the ones the mechanism was tuned on; bench/lut_eval.py --variants scores
 a separate list (bench/variant_templates.py) that these never share."""
 import json
-import subprocess
-import sys
 
 import openai
 import pytest
 import requests
 import torch
 
-from api_common import chat_prompt
-from conftest import ROOT, Server, script_env
+from server.common import chat_prompt
+from conftest import Server, run_script, script_env
 from generate import SamplingParams, generate
-from lut import LUTBatch, LUTStore, recall_mode
+from lut import LUTBatch, recall_mode
+from lut_store import LUTStore
 from variants import normalize
 
 FACT = "Alice Kowalski is a nurse from Gdansk."
@@ -262,9 +261,8 @@ def test_sample_py_prints_the_trace(tiny, cli_env, tmp_path):
     store = LUTStore(db)
     store.teach(model, tok, "u1", FACT)
     store.close()
-    run = lambda *a: subprocess.run([sys.executable, "sample.py", "--lut_name", "u1", "--lut_db", db, "--greedy",
-                                     "--max_new_tokens", "8", "--device", "cpu", *a], cwd=ROOT, env=cli_env,
-                                    capture_output=True, text=True, timeout=120)
+    run = lambda *a: run_script("sample.py", "--lut_name", "u1", "--lut_db", db, "--greedy", "--max_new_tokens", "8",
+                                "--device", "cpu", *a, env=cli_env, timeout=120)
     for extra in ([], ["--stream"]):
         r = run("--start", "ALICE KOWALSKI WAS A", "--lut_trace", *extra)
         assert r.returncode == 0, r.stderr

@@ -1,5 +1,5 @@
 """
-Tiny Shakespeare in GPT-2's BPE: for fine-tuning GPT-2 (train.py --init_from gpt2). The seed's
+Tiny Shakespeare in GPT-2's BPE: for fine-tuning GPT-2 (train.py --init_from gpt2). The nanoGPT API's
 spelling `shakesphere` is accepted as this dataset's name by train.py and /api/train.
 
     python data/shakespeare/prepare.py                                        # downloads the text

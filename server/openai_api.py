@@ -17,11 +17,12 @@ import uuid
 
 from flask import Blueprint
 
-from api_common import (APIError, CHAT_STOP, body, chat_prompt, field, live_deltas, lut_trace, sampling, service, sse,
+from server.common import (APIError, CHAT_STOP, body, chat_prompt, field, live_deltas, lut_trace, sampling, service, sse,
                         trace_requested, usage)
 from model import PRETRAINED
+from server.openapi import api, BOOL, INT, MESSAGES, OPENAI, PROMPT, STR, obj
 
-bp = Blueprint("openai_api", __name__)
+bp = Blueprint("openai", __name__)
 
 AS_MANY_AS_FIT = 1 << 20  # chat's default max_tokens: cut to what the context leaves
 OPENAI_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, do_sample=True)
@@ -36,20 +37,24 @@ NEUTRAL = {"best_of": (1,), "suffix": ("",), "logit_bias": ({},), "response_form
 
 
 @bp.get("/v1/models")
+@api("OpenAI", "List models")
 def v1_models():
     svc = service()
     return {"object": "list", "data": [model_card(mid, svc) for mid in svc.registry()]}
 
 
 @bp.get("/v1/models/<path:model_id>")
+@api("OpenAI", "One model")
 def v1_model(model_id):
     svc = service()
-    if model_id not in svc.registry():
+    if svc.find(model_id) is None:
         raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
     return model_card(model_id, svc)
 
 
 @bp.post("/v1/completions")
+@api("OpenAI", "Completions (lut_name selects the LUT)",
+     body=obj(["model", "prompt"], prompt=PROMPT, echo=BOOL, logprobs=INT, best_of=INT, suffix=STR, **OPENAI))
 def v1_completions():
     svc = service()
     data = request_body(COMPLETION_FIELDS)
@@ -64,7 +69,7 @@ def v1_completions():
     trace = trace_requested(data, lut_name)
     runs = submit_all(svc, prompts, n, params, lut_name)
     reply = Reply("cmpl", "text_completion", model_id)
-    tok = svc.slot.tokenizer
+    tok = svc.view().tokenizer
     if stream:
         return sse(completion_events(runs, n, reply, include_usage, echo, svc, trace), *[job for job, _, _ in runs])
     seqs = wait_all(svc, runs)
@@ -80,6 +85,9 @@ def v1_completions():
 
 
 @bp.post("/v1/chat/completions")
+@api("OpenAI", "Chat completions (lut_name selects the LUT)",
+     body=obj(["model", "messages"], messages=MESSAGES, logprobs=BOOL, top_logprobs=INT,
+              max_completion_tokens=INT, continue_final_message=BOOL, **OPENAI))
 def v1_chat_completions():
     svc = service()
     data = request_body(CHAT_FIELDS)
@@ -105,7 +113,7 @@ def v1_chat_completions():
     if stream:
         return sse(chat_events(runs, n, reply, include_usage, svc, continued, trace), *[job for job, _, _ in runs])
     seqs = wait_all(svc, runs)
-    tok = svc.slot.tokenizer
+    tok = svc.view().tokenizer
     choices = []
     for i, s in enumerate(seqs):
         content = s.text if continued else s.text.lstrip()
@@ -132,7 +140,7 @@ def request_body(allowed):
 def use_model(svc, data):
     model_id = field(data, "model", str, required=True)
     try:
-        svc.use_model(model_id)  # like seed 003: asking for a model that is not running starts it
+        svc.use_model(model_id)  # like the TGI-style API: asking for a model that is not running starts it
     except APIError as e:
         if e.status == 404:
             raise APIError(404, f"the model {model_id!r} does not exist; GET /v1/models lists them",
@@ -157,8 +165,8 @@ def request_settings(data, default_length, logprobs, cfg):
     if not 0 <= temperature <= 2:
         raise APIError(400, "temperature must be between 0 and 2", param="temperature")
     n = field(data, "n", int, 1)
-    if not 1 <= n <= cfg["max_batch_prompts"]:
-        raise APIError(400, f"n must be between 1 and {cfg['max_batch_prompts']}", param="n")
+    if not 1 <= n <= cfg.max_batch_prompts:
+        raise APIError(400, f"n must be between 1 and {cfg.max_batch_prompts}", param="n")
     params = sampling(data, "max_tokens", default_length, OPENAI_DEFAULTS, logprobs=logprobs,
                       presence_penalty=field(data, "presence_penalty", float, 0.0),
                       frequency_penalty=field(data, "frequency_penalty", float, 0.0))
@@ -175,8 +183,8 @@ def request_settings(data, default_length, logprobs, cfg):
 def submit_all(svc, prompts, n, params, lut_name, fit=False):
     """n generations per prompt -> [(job, prompt tokens, prompt)]; choice k = prompt k // n.
     A seeded request gives choice k the seed seed + k: reproducible, yet not all alike."""
-    if len(prompts) * n > svc.cfg["max_batch_prompts"]:
-        raise APIError(400, f"prompts x n must be at most {svc.cfg['max_batch_prompts']}", param="n")
+    if len(prompts) * n > svc.cfg.max_batch_prompts:
+        raise APIError(400, f"prompts x n must be at most {svc.cfg.max_batch_prompts}", param="n")
     runs = []
     try:
         for k in range(len(prompts) * n):
@@ -217,7 +225,7 @@ class Reply:
 
 
 def model_card(model_id, svc):
-    init, _ = svc.registry()[model_id]
+    init, _ = svc.find(model_id)
     return {"id": model_id, "object": "model", "created": int(svc.started),
             "owned_by": "openai-community" if init in PRETRAINED else "local"}
 
@@ -280,7 +288,7 @@ def events(choices, reply, runs, n, include_usage):
 
 
 def completion_events(runs, n, reply, include_usage, echo, svc, trace=False):
-    timeout, tok = svc.cfg["request_timeout"], svc.slot.tokenizer
+    timeout, tok = svc.cfg.request_timeout, svc.view().tokenizer
 
     def choice(i, job, prompt):
         echoed = prompt_text(prompt, tok) if echo else ""
@@ -294,7 +302,7 @@ def completion_events(runs, n, reply, include_usage, echo, svc, trace=False):
 
 
 def chat_events(runs, n, reply, include_usage, svc, continued=False, trace=False):
-    timeout = svc.cfg["request_timeout"]
+    timeout = svc.cfg.request_timeout
 
     def choice(i, job):
         yield reply.chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},

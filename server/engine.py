@@ -1,20 +1,25 @@
 """
 The server's generation engine: one thread owns the model and runs continuous batching. Requests
 wait in a bounded queue, join the running batch at the next token boundary, leave it when done,
-and each keeps its own sampling settings and LUT. Request threads block on their Job (or stream
-its text) while the engine thread does the work.
+and each keeps its own sampling settings and LUT. A prompt that joins while others decode is
+prefilled in pieces beside their decode steps (prefill_chunk), so it never stops them for long.
+Request threads block on their Job (or stream its text) while the engine thread does the work.
 """
 import collections
 import logging
 import threading
 
-from generate import DRAFT_TOKENS, Batcher, Sequence
+from generate import DRAFT_TOKENS, PREFILL_CHUNK, Batcher, Sequence
 
 log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
     """Too many requests waiting; answered with 503 and Retry-After."""
+
+
+class EngineStopped(Exception):
+    """The engine's model has been unloaded: it finishes what it holds and takes nothing new."""
 
 
 class Job:
@@ -58,19 +63,20 @@ class Job:
                 news = self._changed.wait_for(lambda: self.seq.done or len(self.seq.text) != seen, heartbeat)
                 done, seen = self.seq.done, len(self.seq.text)
                 delta = self.seq.new_text()
+            if delta or (not news and not self.error):  # text made before a failure reaches the client first
+                yield delta
             if self.error:
                 raise self.error
-            if delta or not news:
-                yield delta
             if done:
                 return
 
 
 class Engine:
 
-    def __init__(self, model, tokenizer, max_batch=8, max_queue=64, draft_tokens=DRAFT_TOKENS):
+    def __init__(self, model, tokenizer, max_batch=8, max_queue=64, draft_tokens=DRAFT_TOKENS,
+                 prefill_chunk=PREFILL_CHUNK):
         self.model, self.tokenizer = model, tokenizer
-        self.batcher = Batcher(model, max_batch=max_batch, draft_tokens=draft_tokens)
+        self.batcher = Batcher(model, max_batch=max_batch, draft_tokens=draft_tokens, prefill_chunk=prefill_chunk)
         self.max_queue = max_queue
         self.waiting = collections.deque()
         self._wake = threading.Condition()
@@ -79,11 +85,13 @@ class Engine:
         self._thread = None  # started on first use: never before a fork (gunicorn workers)
 
     def submit(self, prompt_ids, params, lut=None):
-        """Queue a request; raises GenerationError (bad request) or QueueFull."""
+        """Queue a request; raises GenerationError (bad request), QueueFull or EngineStopped."""
         seq = Sequence(prompt_ids, params, self.tokenizer, lut)
         self.batcher.check_fits(seq)
         job = Job(seq)
         with self._wake:
+            if self._stopped:
+                raise EngineStopped("the model was unloaded")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting; try again shortly")
             self.waiting.append(job)
@@ -120,8 +128,7 @@ class Engine:
             try:
                 if admitted:
                     running.update((id(j.seq), j) for j in admitted)
-                    self.batcher.admit([j.seq for j in admitted])
-                    advanced = [j.seq for j in admitted]
+                    advanced = self.batcher.admit([j.seq for j in admitted])  # or the next steps prefill them
                 else:
                     self.batcher.retire()  # drop sequences cancelled since the last step
                     advanced = self.batcher.step()
@@ -131,7 +138,8 @@ class Engine:
                     job.fail(RuntimeError(f"generation failed: {e}"))
                 running.clear()
                 self.batcher = Batcher(self.model, max_batch=self.batcher.max_batch,
-                                       draft_tokens=self.batcher.draft_tokens)
+                                       draft_tokens=self.batcher.draft_tokens,
+                                       prefill_chunk=self.batcher.prefill_chunk)
                 continue
             for seq in advanced:
                 job = running.get(id(seq))

@@ -11,6 +11,7 @@ project's prefix (vllm:time_to_first_token_seconds -> gpt2lut:time_to_first_toke
     gpt2lut:lut_hits_total                              LUT entries that fired during generation
     gpt2lut:teach_latency_seconds                       one label taught and stored (histogram)
     gpt2lut:lut_cache_hits_total / lut_cache_misses_total   LUT loads served from the cache, or read
+    gpt2lut:lut_cache_bytes / lut_cache_entries         loaded LUTs kept: estimated memory (at most --lut_cache_mb), count
     gpt2lut:rate_limit_refusals_total                   429 answers
     gpt2lut:store_errors_total                          requests refused with 503: the database unreachable
     gpt2lut:rate_limit_redis_up                         with --redis_url: 1 shared in Redis, 0 Redis unreachable
@@ -28,8 +29,9 @@ from flask import Blueprint, Response, g, request
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest, multiprocess)
 
-from api_common import service
-from keys_api import recorded
+from server.common import service
+from server.keys import recorded
+from server.openapi import api
 
 P = "gpt2lut"
 bp = Blueprint("metrics", __name__)
@@ -63,6 +65,9 @@ class Metrics:
                              multiprocess_mode="livesum", registry=r)
         self.running = Gauge(f"{P}:num_requests_running", "Generations in the running batch", model,
                              multiprocess_mode="livesum", registry=r)
+        self.loaded = Gauge(f"{P}:model_loaded", "1 for each running model", model, multiprocess_mode="livemax",
+                            registry=r)
+        self._models_seen = set()
         self.prompt_tokens = Counter(f"{P}:prompt_tokens", "Prompt tokens of generations", model, registry=r)
         self.generation_tokens = Counter(f"{P}:generation_tokens", "Generated tokens", model, registry=r)
         self.lut_hits = Counter(f"{P}:lut_hits", "LUT entries that fired during generation", registry=r)
@@ -70,6 +75,10 @@ class Metrics:
                                buckets=LATENCY, registry=r)
         self.cache_hits = Counter(f"{P}:lut_cache_hits", "LUT loads served from the cache (revalidated)", registry=r)
         self.cache_misses = Counter(f"{P}:lut_cache_misses", "LUT loads read from the database", registry=r)
+        self.cache_bytes = Gauge(f"{P}:lut_cache_bytes", "Estimated memory of the loaded LUTs kept (at most "
+                                 "--lut_cache_mb)", multiprocess_mode="livesum", registry=r)
+        self.cache_entries = Gauge(f"{P}:lut_cache_entries", "Loaded LUTs kept", multiprocess_mode="livesum",
+                                   registry=r)
         self.refusals = Counter(f"{P}:rate_limit_refusals", "Requests refused by a rate limit (429)", registry=r)
         self.store_errors = Counter(f"{P}:store_errors", "Requests refused because the database was unreachable",
                                     registry=r)
@@ -125,10 +134,20 @@ class Metrics:
 
     def refresh(self, svc):
         """Gauges that describe now: the engine's queue, Redis's state."""
-        engine, name = svc.slot.engine, svc.slot.name or "none"
-        load = engine.load if engine is not None else {"waiting": 0, "running": 0}
-        self.waiting.labels(name).set(load["waiting"])
-        self.running.labels(name).set(load["running"])
+        running = svc.models.names()
+        for name in self._models_seen - set(running):  # stopped since: no series left behind
+            for gauge in (self.waiting, self.running, self.loaded):
+                gauge.remove(name)
+        self._models_seen = set(running)
+        for name in running:
+            loaded = svc.models.get(name)
+            load = loaded.engine.load if loaded is not None else {"waiting": 0, "running": 0}
+            self.waiting.labels(name).set(load["waiting"])
+            self.running.labels(name).set(load["running"])
+            self.loaded.labels(name).set(1)
+        cache = svc.store.cache_info()
+        self.cache_bytes.set(cache["bytes"])
+        self.cache_entries.set(cache["entries"])
         buckets = svc.access.buckets
         if hasattr(self, "redis_up"):
             self.redis_up.set(1 if buckets.shared else 0)
@@ -137,6 +156,7 @@ class Metrics:
 
 
 @bp.get("/metrics")
+@api("monitoring", "Prometheus metrics (no key needed; see metrics.py)", access="public", limited=False)
 def metrics_route():
     svc = service()
     svc.metrics.refresh(svc)
@@ -153,7 +173,7 @@ def count_request(response):
     """Counts every request once its answer is out (a stream: when it ends, or its client left)."""
     svc = service()
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    method, status, jobs = request.method, response.status_code, g.get("jobs", [])
+    method, status, jobs, view = request.method, response.status_code, g.get("jobs", []), g.get("view")
 
     def save():
         m = svc.metrics
@@ -161,7 +181,7 @@ def count_request(response):
         if status == 429:
             m.refusals.inc()
         for job, n_prompt in jobs:
-            m.finish(job, n_prompt, svc.slot.name or "none")
+            m.finish(job, n_prompt, view.name if view else "none")
         m.refresh(svc)
 
     if response.is_streamed:

@@ -29,7 +29,7 @@ import time
 
 from storage import Database, Transaction
 
-TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 LAUNCH_LOCK = 7_253_115  # storage lock key: one launch decision at a time, across replicas
 PROGRESS_EVERY = 1.0  # seconds between the runner's progress copies (and cancel checks)
 RUNNER_TIMEOUT = 60.0  # seconds without a heartbeat after which a job's runner counts as gone
@@ -103,7 +103,7 @@ class Trainer:
                                    "heartbeat) VALUES ('running', ?, ?, ?, ?, ?, ?)",
                                    (self.host, output_dir, out_dir, json.dumps(request_config), now, now))
             try:
-                proc = self._launch(settings, out_dir)
+                proc = launch(settings, out_dir)
             except OSError as e:
                 with self._db() as db:
                     db.execute("UPDATE train_jobs SET status = 'failed', error = ?, finished = ? WHERE id = ?",
@@ -114,23 +114,6 @@ class Trainer:
             self.procs[job_id] = proc
         threading.Thread(target=self._watch, args=(job_id, proc, out_dir), daemon=True).start()
         return self.get(job_id)
-
-    @staticmethod
-    def _launch(settings, out_dir):
-        """Write the config and start train.py on it."""
-        os.makedirs(out_dir, exist_ok=True)
-        config_path = os.path.join(out_dir, "train_config.json")
-        with open(config_path, "w") as f:
-            json.dump(settings, f, indent=2)
-        for stale in ("train_log.jsonl", "train_output.log"):  # progress of an earlier run here
-            if os.path.exists(os.path.join(out_dir, stale)):
-                os.remove(os.path.join(out_dir, stale))
-        output = open(os.path.join(out_dir, "train_output.log"), "wb")
-        # an argument list, no shell; its own session so cancel can stop it and its children
-        proc = subprocess.Popen([sys.executable, TRAIN_PY, "--config", config_path], stdout=output,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        output.close()
-        return proc
 
     def _report(self, job_id, pid, out_dir):
         """The runner's report every PROGRESS_EVERY: progress and heartbeat (a job marked lost
@@ -277,6 +260,23 @@ class Trainer:
         if tail:
             job["log_tail"] = log_tail[-tail:]
         return job
+
+
+def launch(settings, out_dir):
+    """Write the config and start train.py on it."""
+    os.makedirs(out_dir, exist_ok=True)
+    config_path = os.path.join(out_dir, "train_config.json")
+    with open(config_path, "w") as f:
+        json.dump(settings, f, indent=2)
+    for stale in ("train_log.jsonl", "train_output.log"):  # progress of an earlier run here
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    output = open(os.path.join(out_dir, "train_output.log"), "wb")
+    # an argument list, no shell; its own session so cancel can stop it and its children
+    proc = subprocess.Popen([sys.executable, TRAIN_PY, "--config", config_path], stdout=output,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    output.close()
+    return proc
 
 
 def progress(out_dir, tail=20):

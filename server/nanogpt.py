@@ -1,5 +1,5 @@
 """
-Seed 001's routes, the nanoGPT API server: GET /api/status, GET /api/models, POST /api/load_model,
+The nanoGPT API server's routes: GET /api/status, GET /api/models, POST /api/load_model,
 POST /api/generate, and training jobs: POST /api/train, GET /api/train, GET /api/train/<job_id>,
 POST /api/train/<job_id>/cancel.
 """
@@ -10,39 +10,47 @@ import time
 
 from flask import Blueprint, jsonify
 
-from api_common import (APIError, body, field, inside, no_trace, resolve_model_path, sampling, service, trained_models,
-                        usage)
+from server.common import APIError, body, field, inside, no_trace, sampling, service, trained_models, usage
 from model import PRETRAINED, ModelLoadError
+import train
+from server.openapi import INT, NUM, SAMPLING, STR, api, obj
 
 log = logging.getLogger("api_server")
-bp = Blueprint("nanogpt_api", __name__)
+bp = Blueprint("nanogpt", __name__)
 
-# /api/train defaults: seed 001's example request (a short GPT-2 fine-tune); the rest as train.py's
+# /api/train defaults: the nanoGPT API's example request (a short GPT-2 fine-tune); the rest as train.py's
 TRAIN_DEFAULTS = dict(model_type="gpt2", batch_size=4, learning_rate=3e-5, max_iters=20, eval_interval=5)
 
 
 @bp.get("/api/status")
+@api("nanoGPT", "Server status")
 def status():
     svc = service()
-    slot = svc.slot
-    model = slot.model
-    out = {"status": "online", "model_loaded": slot.engine is not None, "model": slot.name,
-           "device": str(next(model.parameters()).device) if model is not None else None,
-           "quantize": model.quantized if model is not None else None,
+    loaded = svc.models.current()
+    out = {"status": "online", "model_loaded": loaded is not None, "model": loaded and loaded.name,
+           "device": loaded and loaded.device.type,  # "cuda" or "cpu", as the nanoGPT-style API shows it
+           "device_index": loaded and loaded.device.index,
+           "quantize": loaded and loaded.model.quantized, "running_models": svc.models.names(),
            "timestamp": time.time(), "uptime_s": round(time.time() - svc.started, 1)}
-    if slot.engine is None:
-        out["detail"] = slot.error
+    if loaded is None:
+        out["detail"] = svc.models.error
     else:
-        out["engine"] = slot.engine.load
+        out["engine"] = loaded.engine.load
     return jsonify(out)
 
 
 @bp.get("/api/models")
+@api("nanoGPT", "Pretrained and trained models")
 def models():
-    return jsonify(pretrained_models=list(PRETRAINED), trained_models=trained_models(service().models_dir))
+    # model_type: what the model was trained from (a GPT-2 type, or "scratch"), as the nanoGPT-style API shows it
+    trained = [{**m, "config": {"model_type": m["config"].get("init_from"), **m["config"]}}
+               for m in trained_models(service().models_dir)]
+    return jsonify(pretrained_models=list(PRETRAINED), trained_models=trained)
 
 
 @bp.post("/api/load_model")
+@api("nanoGPT", "Load a GPT-2 type or a trained checkpoint (admin)", body=obj(model_type=STR, model_path=STR),
+     access="admin")
 def load_model_route():
     data = body()
     model_type, model_path = field(data, "model_type", str), field(data, "model_path", str)
@@ -52,17 +60,15 @@ def load_model_route():
         raise APIError(404, f"unknown model_type {model_type!r}; choose one of {', '.join(PRETRAINED)}")
     svc = service()
     try:
-        if model_type:
-            svc.slot.load(model_type, model_type)
-        else:
-            path = resolve_model_path(model_path, svc.models_dir)
-            svc.slot.load(path, os.path.relpath(os.path.dirname(path), svc.models_dir))
+        loaded = svc.models.load(*((model_type, model_type) if model_type else svc.checkpoint(model_path)),
+                                 make_default=True)
     except ModelLoadError as e:
         raise APIError(503 if model_type else 400, str(e)) from None
-    return jsonify(message="Model loaded successfully", model=svc.slot.name)
+    return jsonify(message="Model loaded successfully", model=loaded.name)
 
 
 @bp.post("/api/generate")
+@api("nanoGPT", "Generate (nanoGPT API)", body=obj(["prompt"], prompt=STR, max_new_tokens=INT, **SAMPLING))
 def api_generate():
     data = body()
     prompt = field(data, "prompt", str, required=True)
@@ -79,11 +85,21 @@ def api_generate():
 
 # ---- training jobs
 
+def train_schema():
+    """/api/train's body: the nanoGPT API's fields, then every train.py setting, from TrainConfig."""
+    kinds = {int: INT, float: NUM, bool: {"type": "boolean"}, str: STR}
+    settings = {f.name: {**kinds[f.type], "description": f.metadata["help"].replace("%%", "%")}
+                for f in dataclasses.fields(train.TrainConfig) if f.name not in ("out_dir", "data_dir")}
+    return obj(["dataset", "output_dir"], output_dir={**STR, "description": "inside the models directory"},
+               model_type={**STR, "description": "the GPT-2 type to fine-tune (sets init_from)"}, **settings)
+
+
 @bp.post("/api/train")
+@api("training", "Start a training job (admin)", body=train_schema(), access="admin")
 def api_train():
     data = body()
     svc = service()
-    settings, echo = train_settings(data, svc.models_dir, svc.cfg["data_dir"])
+    settings, echo = train_settings(data, svc.models_dir, svc.cfg.data_dir)
     job = svc.trainer.start(settings, data["output_dir"], settings["out_dir"], echo)
     log.info("training job %s started: pid %s, %s", job["job_id"], job["process_id"], settings["out_dir"])
     return jsonify(message="Training started", config=echo, config_path=job["config_path"],
@@ -91,24 +107,26 @@ def api_train():
 
 
 @bp.get("/api/train")
+@api("training", "List training jobs")
 def api_train_jobs():
     return jsonify(jobs=service().trainer.list())
 
 
 @bp.get("/api/train/<int:job_id>")
+@api("training", "A training job's status and progress")
 def api_train_job(job_id):
     return jsonify(service().trainer.get(job_id))
 
 
 @bp.post("/api/train/<int:job_id>/cancel")
+@api("training", "Cancel a training job (admin)", access="admin")
 def api_train_cancel(job_id):
     return jsonify(service().trainer.cancel(job_id))
 
 
 def train_settings(data, models_dir, data_dir):
     """An /api/train request -> (full train.py settings, the config echoed to the client).
-    Fields: the seed's (dataset, output_dir, model_type, ...) and any other train.py setting."""
-    import train
+    Fields: the nanoGPT API's (dataset, output_dir, model_type, ...) and any other train.py setting."""
     types = {f.name: f.type for f in dataclasses.fields(train.TrainConfig) if f.name not in ("out_dir", "data_dir")}
     unknown = sorted(set(data) - set(types) - {"output_dir", "model_type"})
     if unknown:

@@ -1,6 +1,6 @@
 """
-What the server's route modules (api_server.py and its blueprints: lut_api.py, nanogpt_api.py,
-locallab_api.py, tgi_api.py, openai_api.py, keys_api.py, luts_api.py) share: the app's service,
+What the server's route modules (api_server.py and its blueprints: lut_service, nanogpt,
+locallab, tgi, openai_api, keys, luts) share: the app's service,
 the API error, request parsing that names the field at fault, sampling settings, usage counts,
 server-sent events, the chat transcript template, and paths confined to the models directory.
 """
@@ -9,6 +9,7 @@ import os
 import time
 
 from flask import Response, current_app, request
+from flask.json.provider import DefaultJSONProvider
 
 from generate import GenerationError, SamplingParams
 from model import find_checkpoint
@@ -28,11 +29,62 @@ class APIError(Exception):
         self.param, self.code = param, code  # the field at fault, a machine-readable reason (/v1 errors)
 
 
+class JSONProvider(DefaultJSONProvider):
+    """Flask's JSON, but a body nested deeper than the parser goes is invalid JSON (a ValueError,
+    which get_json(silent=True) answers with None) rather than a RecursionError, which would be a
+    500 wherever a body is read, the after-request hooks included."""
+
+    def loads(self, s, **kwargs):
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+
 def body():
+    """The request's JSON object, every string in it valid Unicode; a 400 saying what is wrong otherwise."""
     data = request.get_json(silent=True)
+    if data is None and request.is_json:
+        try:
+            json.loads(request.get_data())
+        except RecursionError:
+            raise APIError(400, "request body is JSON nested too deeply", param="body") from None
+        except ValueError:
+            pass
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object (Content-Type: application/json)")
+    where = not_unicode(data)
+    if where:
+        raise APIError(400, f"{where} must be valid Unicode text: it holds a lone surrogate (\\ud800-\\udfff), "
+                            f"which cannot be encoded or stored", param=where)
     return data
+
+
+def not_unicode(data):
+    """Where in a parsed JSON body a string (or a key) holds a lone surrogate, which a \\ud800
+    escape makes and no UTF-8 text can: "labels[0].label", or None if nowhere."""
+    todo = [("", data)]
+    while todo:  # a loop, not recursion: the body may be as deep as the parser allows
+        where, value = todo.pop()
+        if isinstance(value, str) and not _encodes(value):
+            return where or "request body"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                inner = f"{where}.{key}" if where else key
+                if not _encodes(key):
+                    return f"a field name in {where or 'the request body'}"
+                todo.append((inner, item))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def _encodes(text):
+    try:
+        text.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def field(data, name, kind, default=None, required=False):
@@ -130,13 +182,13 @@ def live_deltas(job, timeout):
 
 
 def sse_text(text):
-    """One SSE event carrying raw text (seed 002); a newline inside becomes a second data line,
+    """One SSE event carrying raw text (LocalLab-style); a newline inside becomes a second data line,
     which SSE clients join back with a newline."""
     return "".join(f"data: {line}\n" for line in text.split("\n")) + "\n"
 
 
 def text_events(job, timeout, trace=False, shown=None):
-    """Seed 002 streaming: the text as it is generated, then data: [DONE]. With trace, an
+    """The LocalLab-style API streaming: the text as it is generated, then data: [DONE]. With trace, an
     `event: lut_trace` whose data is the JSON list of LUT spans comes before [DONE]; shown(text)
     gives the text the client has been sent and where the generated text starts in it."""
     try:
@@ -157,7 +209,7 @@ CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assist
 
 
 def chat_prompt(messages, continue_final=False):
-    """A chat as a plain transcript that a base GPT-2 continues (see README):
+    """A chat as a plain transcript that a base GPT-2 continues (docs/api.md, "Chat on a base model"):
     'System: ...\nUser: ...\nAssistant:'; generation stops where the next turn would begin.
     content is a string or OpenAI's list of {"type": "text", "text": ...} parts. With
     continue_final (vLLM's continue_final_message) the last message, an assistant's, is continued
@@ -192,17 +244,30 @@ CHAT_STOP = ["\nUser:", "\nSystem:", "\nAssistant:"]
 
 def inside(path, root, name):
     """A client's path (relative to the server's working directory) resolved, links and '..'
-    included, only if it lies inside root: no request reaches files elsewhere."""
+    included, only if it lies inside root: no request reaches files elsewhere. Errors name the
+    path as the client gave it, never the server's directories."""
+    if "\0" in path:  # os.path would raise ValueError
+        raise APIError(400, f"{name} must not contain a NUL byte", param=name)
     full = os.path.realpath(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
-    if not full.startswith(os.path.realpath(root) + os.sep):
-        raise APIError(400, f"{name} must be inside the models directory ({root})")
+    if not within(full, root):
+        raise APIError(400, f"{name} must be inside the models directory; {path!r} is not", param=name)
     return full
 
 
+def within(path, root):
+    """Whether path, its links resolved, lies inside root."""
+    return os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+
+
 def resolve_model_path(model_path, models_dir):
-    path = find_checkpoint(inside(model_path, models_dir, "model_path"))
+    """The checkpoint file that model_path names, resolved. The file is checked, not only the
+    folder named: its ckpt.pt may be a link to anywhere."""
+    path = os.path.realpath(find_checkpoint(inside(model_path, models_dir, "model_path")))
+    if not within(path, models_dir):
+        raise APIError(400, f"model_path must be inside the models directory; {model_path!r} links outside it",
+                       param="model_path")
     if not os.path.isfile(path):
-        raise APIError(404, f"no checkpoint at model_path {model_path!r}")
+        raise APIError(404, f"no checkpoint at model_path {model_path!r}", param="model_path")
     return path
 
 
@@ -211,7 +276,7 @@ def trained_models(models_dir):
     found = []
     for dirpath, dirnames, filenames in os.walk(models_dir):
         dirnames.sort()
-        if "ckpt.pt" in filenames:
+        if "ckpt.pt" in filenames and within(os.path.join(dirpath, "ckpt.pt"), models_dir):  # not a link out
             config = {}
             try:
                 with open(os.path.join(dirpath, "train_config.json")) as f:

@@ -8,7 +8,7 @@
 //            block in one call from Python (per-op dispatch from Python cost ~2 ms a token): the
 //            matmuls above, with GELU and the residual adds done on each output tile while it
 //            is in cache, LayerNorm by hand, and no allocation per layer.
-// Built by kernels.py with -march=native on the machine that runs it.
+// Built by cpu_kernels.py with -march=native on the machine that runs it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
