@@ -84,6 +84,77 @@ def cli_env():
     return script_env()
 
 
+def run_script(script, *args, cwd=ROOT, env=None, timeout=300, input=None):
+    """One of the project's top-level scripts (sample.py, train.py, lut.py, api_client.py,
+    data/<name>/prepare.py, ...; relative to the repository root) run as a user runs it: a
+    subprocess of this Python with the test environment. `script` may also be "-c" or "-m" for
+    code or a module. Returns the CompletedProcess (text stdout and stderr); checks nothing."""
+    if not script.startswith("-") and not os.path.isabs(script):
+        script = os.path.join(ROOT, script)
+    return subprocess.run([sys.executable, script, *args], cwd=cwd, env=env or script_env(), input=input,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def script(hf_tiny):
+    """run_script, with the tiny GPT-2 in the Hub cache that the scripts load offline."""
+    return run_script
+
+
+DEFAULT = object()  # an app_factory value that leaves ServerConfig's own default in place
+
+
+@pytest.fixture
+def app_factory(hf_tiny, tmp_path):
+    """make(root=tmp_path, **settings) -> api_server.create_app(...): the tiny GPT-2 on the CPU,
+    its LUT, state and models files under root (luts.sqlite, state.sqlite, out/), and the
+    anonymous rate limit off (as the test servers run; DEFAULT restores ServerConfig's default
+    for any setting). A second app in one test takes another root (or its own paths)."""
+    from api_server import create_app
+
+    def make(root=None, **settings):
+        root = tmp_path if root is None else root
+        config = {"model_type": "gpt2", "device": "cpu", "lut_db": str(root / "luts.sqlite"),
+                  "state_db": str(root / "state.sqlite"), "models_dir": str(root / "out"),
+                  "anonymous_rate_per_minute": 0, **settings}
+        return create_app({k: v for k, v in config.items() if v is not DEFAULT})
+    return make
+
+
+@pytest.fixture
+def app(app_factory):
+    """The default app of app_factory."""
+    return app_factory()
+
+
+@pytest.fixture
+def client(app):
+    """A Flask test client of the default app."""
+    return app.test_client()
+
+
+def bench_module(name):
+    """A bench/ script imported as a module, for the tests that assert what it measures."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def wait_for(condition, timeout=60, interval=0.05, what=None):
+    """Poll condition() until it returns something true (returned) or timeout seconds pass
+    (AssertionError naming what, or the last value seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}: last {value!r}")
+        time.sleep(interval)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,7 +166,7 @@ class Server:
     project's gunicorn.conf.py and GPT_* settings."""
 
     def __init__(self, workdir, env, gunicorn=False, args=()):
-        """args: more api_server.py flags. Seed 002's anonymous rate limit is off unless args set it
+        """args: more api_server.py flags. The LocalLab-style API's anonymous rate limit is off unless args set it
         (tests make many keyless requests from one address)."""
         self.workdir, self.env = workdir, env
         args = ["--anonymous_rate_per_minute", "0", *args]
@@ -112,10 +183,13 @@ class Server:
             self.argv = [sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(self.port),
                          "--device", "cpu", "--model_type", "gpt2", *args]  # the last of a repeated flag wins
 
-    def start(self):
+    def start(self, timeout=180):
+        """Start it and wait for /health (a first start on a machine builds the CPU kernels, ~30 s,
+        first); a server that is not up in time is stopped, and the error shows its log's tail."""
         self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "a"))
-        for _ in range(300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             try:
                 if requests.get(self.url + "/health", timeout=1).ok:
                     return self
@@ -123,19 +197,39 @@ class Server:
                 time.sleep(0.1)
             if self.proc.poll() is not None:
                 raise RuntimeError(open(self.log).read()[-2000:])
-        raise RuntimeError("server did not start")
+        self.stop()
+        raise RuntimeError(f"server did not start within {timeout} s: {open(self.log).read()[-2000:]}")
 
     def stop(self):
+        """Terminate it (kill it if it does not go within 30 s); a no-op once it has ended."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def __enter__(self):
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+@pytest.fixture
+def server(hf_tiny, tmp_path):
+    """A live `python api_server.py` in tmp_path (its out/ there), stopped after the test."""
+    with Server(str(tmp_path), script_env()) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def module_server(hf_tiny, tmp_path_factory):
     """One live `python api_server.py` shared by a test module's tests (and their state)."""
-    s = Server(str(tmp_path_factory.mktemp("server")), script_env()).start()
-    yield s
-    s.stop()
+    with Server(str(tmp_path_factory.mktemp("server")), script_env()) as s:
+        yield s
 
 
 
@@ -155,6 +249,17 @@ def require(what, error):
     if os.environ.get("CI") == "true":
         pytest.fail(message + " (CI must run these tests, not skip them)", pytrace=False)
     pytest.skip(message)
+
+
+def need_kernels():
+    """Skip a test of the CPU kernels where they cannot be built; under CI=true fail instead: a
+    broken kernels build must not pass as a skip (nor as addmm compared with addmm)."""
+    import cpu_kernels
+    if cpu_kernels.ops() is None:
+        message = "the CPU kernels could not be built here (the log says why; python -m cpu_kernels retries)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (CI must run these tests, not skip them)", pytrace=False)
+        pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -205,7 +310,8 @@ def db_target(request, tmp_path):
 
 
 class Proxy:
-    """A TCP relay in front of PostgreSQL or Redis that can be cut and restored: an outage on demand."""
+    """A TCP relay in front of PostgreSQL or Redis that can be cut and restored: an outage on demand.
+    Tests take one through the `relay` fixture, which also closes it."""
 
     def __init__(self, host, port):
         self.target = (host, port)
@@ -216,11 +322,18 @@ class Proxy:
 
     def _accept(self):
         while True:
-            client, _ = self.listener.accept()
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
             if not self.up:
                 client.close()
                 continue
-            server = socket.create_connection(self.target)
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
             self.conns += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -250,3 +363,32 @@ class Proxy:
 
     def restore(self):
         self.up = True
+
+    def close(self):
+        self.cut()
+        self.listener.close()
+
+
+def relayed(url, default_port):
+    """(Proxy, url through it): a PostgreSQL or Redis URL whose host:port is replaced by a relay's."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    proxy = Proxy(parts.hostname, parts.port or default_port)
+    netloc = parts.netloc.rsplit("@", 1)
+    netloc[-1] = f"127.0.0.1:{proxy.port}"
+    return proxy, parts._replace(netloc="@".join(netloc)).geturl()
+
+
+@pytest.fixture
+def relay():
+    """relay(url) -> (Proxy, the same URL through it), for PostgreSQL (postgresql://) and Redis
+    (redis://) alike; the relays are closed after the test."""
+    made = []
+
+    def make(url):
+        proxy, through = relayed(url, 6379 if url.startswith("redis") else 5432)
+        made.append(proxy)
+        return proxy, through
+    yield make
+    for proxy in made:
+        proxy.close()

@@ -5,14 +5,13 @@ import logging
 import signal
 import threading
 import time
-from urllib.parse import urlsplit
 
 import pytest
 import requests
 
 from access import Access, AccessError
-from conftest import Proxy, Server, script_env
-from ratelimit import LocalBuckets
+from conftest import Server, bench_module, script_env, wait_for
+from server.ratelimit import LocalBuckets
 
 LABEL_TEMPLATE = "Customer {i} of TLG is Zephyrine{i} Okonkwo."
 
@@ -42,7 +41,7 @@ def test_redis_bucket_is_shared_by_replicas(tmp_path, redis_url):
         t.join()
     assert sum(results) == 10  # not 20 (or 40): one bucket for both replicas
     assert a.buckets.shared and b.buckets.shared
-    # any bucket key, e.g. seed 002's per-address limit for requests without a key
+    # any bucket key, e.g. the LocalLab-style API's per-address limit for requests without a key
     for i in range(3):
         (a if i % 2 else b).check_anonymous("10.0.0.7", 60, 3)
     with pytest.raises(AccessError):
@@ -58,11 +57,9 @@ def test_without_redis_limits_are_per_process(tmp_path):
     assert taken(a, key, 12) == 10 and taken(b, key, 12) == 10  # each process its own bucket
 
 
-def test_redis_down_means_per_process_limits_and_a_warning_then_shared_again(tmp_path, redis_url, caplog):
-    url = urlsplit(redis_url)
-    proxy = Proxy(url.hostname, url.port or 6379)
-    a = Access(str(tmp_path / "s.sqlite"), rate_per_minute=1, burst=4,
-               redis_url=redis_url.replace(f"{url.hostname}:{url.port}", f"127.0.0.1:{proxy.port}"))
+def test_redis_down_means_per_process_limits_and_a_warning_then_shared_again(tmp_path, redis_url, relay, caplog):
+    proxy, proxied = relay(redis_url)
+    a = Access(str(tmp_path / "s.sqlite"), rate_per_minute=1, burst=4, redis_url=proxied)
     secret, _ = a.create_key("k")
     key = a.authenticate(f"Bearer {secret}")
     assert taken(a, key, 2) == 2 and a.buckets.shared
@@ -80,8 +77,8 @@ def test_redis_down_means_per_process_limits_and_a_warning_then_shared_again(tmp
 # both reached through relays that a test can cut, for outages on demand.
 
 class Replicas:
-    def __init__(self, tmp_path, pg_url, redis_url, n=2):
-        self.pg, self.redis = relay(pg_url, 5432), relay(redis_url, 6379)
+    def __init__(self, tmp_path, pg_url, redis_url, relay, n=2):
+        self.pg, self.redis = relay(pg_url), relay(redis_url)
         self.servers = []
         for i in range(n):
             workdir = tmp_path / f"replica{i}"
@@ -107,16 +104,9 @@ class Replicas:
                 s.stop()
 
 
-def relay(url, default_port):
-    """(Proxy, the same URL through it)."""
-    parts = urlsplit(url)
-    proxy = Proxy(parts.hostname, parts.port or default_port)
-    return proxy, url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
-
-
 @pytest.fixture
-def replicas(hf_tiny, tmp_path, pg_url, redis_url):
-    r = Replicas(tmp_path, pg_url, redis_url)
+def replicas(hf_tiny, tmp_path, pg_url, redis_url, relay):
+    r = Replicas(tmp_path, pg_url, redis_url, relay)
     yield r
     r.stop()
 
@@ -157,44 +147,21 @@ def test_two_replicas_one_database(replicas):
     assert "gpt2lut:rate_limit_refusals_total" in metrics and "gpt2lut:rate_limit_redis_up 1.0" in metrics
 
 
-def test_kill_9_during_20_concurrent_teaches_leaves_only_whole_labels(replicas, tiny):
-    from lut import build_entries
+def test_kill_9_during_concurrent_teaches_leaves_only_whole_labels(replicas, tiny):
+    replicas_bench = bench_module("replicas")  # the fault bench/replicas.py measures, asserted here
     a, b = replicas.urls
-    labels = [LABEL_TEMPLATE.format(i=i) for i in range(20)]
-    acknowledged, lock = [], threading.Lock()
-
-    def teach(i):
-        try:
-            r = requests.post(f"{a}/train_lut", json={"lut_name": f"k{i}", "label": labels[i]}, timeout=60)
-        except requests.RequestException:
-            return  # A died first: not acknowledged
-        if r.status_code == 200:
-            with lock:
-                acknowledged.append(i)
-
-    threads = [threading.Thread(target=teach, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    deadline = time.time() + 60
-    while len(acknowledged) < 3 and time.time() < deadline:
-        time.sleep(0.01)
-    replicas.servers[0].proc.send_signal(signal.SIGKILL)  # in the middle of the teaches
-    for t in threads:
-        t.join()
-    assert 3 <= len(acknowledged) < 20, acknowledged
-    model, tok = tiny
-    stored = {x["name"]: x for x in requests.get(f"{b}/luts").json()["luts"]}
-    for i in acknowledged:  # every acknowledged label is there
-        assert f"k{i}" in stored
-    for name, info in stored.items():  # and every label there is whole
-        i = int(name[1:])
-        assert info["labels"] == 1 and info["entries"] == len(build_entries(model, tok, labels[i])["target"]), info
+    report = replicas_bench.kill_during_teaches(
+        lambda: replicas.servers[0].proc.send_signal(signal.SIGKILL), a, b, *tiny)
+    assert len(report["acknowledged"]) >= 3 and report["cut"], report  # the kill came mid-way
+    assert not report["missing"] and not report["partial"], report
+    assert set(report["stored"]) >= {f"k{i}" for i in report["acknowledged"]}
 
 
-def test_database_outage_under_load_then_resume_and_redis_down(replicas):
+def test_database_outage_under_load_then_resume_and_redis_down(replicas, tiny):
     """8 clients generate and teach on both replicas while the database goes away for a while:
     503 with Retry-After (never another 5xx), then service resumes without a restart, nothing
     acknowledged is lost. Then Redis goes away: requests are still served."""
+    from lut import build_entries
     urls = replicas.urls
     stop, results, lock = threading.Event(), [], threading.Lock()
 
@@ -202,6 +169,7 @@ def test_database_outage_under_load_then_resume_and_redis_down(replicas):
         i = 0
         while not stop.is_set():
             url, i = urls[k % 2], i + 1
+            started = time.time()
             if k % 2:
                 name, label = f"c{k}-{i}", LABEL_TEMPLATE.format(i=k * 1000 + i)
                 r = requests.post(f"{url}/train_lut", json={"lut_name": name, "label": label}, timeout=60)
@@ -209,31 +177,44 @@ def test_database_outage_under_load_then_resume_and_redis_down(replicas):
                 name, label = None, None
                 r = requests.post(f"{url}/generate", json={"prompt": "Hello", "length": 4}, timeout=60)
             with lock:
-                results.append((time.time(), r.status_code, r.headers.get("Retry-After"), name, label))
+                results.append((k, started, r.status_code, r.headers.get("Retry-After"), name, label))
+
+    def seen(condition):
+        with lock:
+            return [x for x in results if condition(*x)]
+
+    def back(k, since, n=3):
+        """Client k's last n requests started after `since` and all succeeded."""
+        mine = seen(lambda c, t, *_: c == k and t > since)
+        return len(mine) >= n and all(s == 200 for _, _, s, *_ in mine[-n:])
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
-    time.sleep(2)
-    replicas.pg[0].cut()
-    cut_at = time.time()
-    time.sleep(3)
-    replicas.pg[0].restore()
-    restored_at = time.time()
-    time.sleep(4)
-    stop.set()
-    for t in threads:
-        t.join()
-    statuses = {s for _, s, _, _, _ in results}
+    try:
+        wait_for(lambda: all(seen(lambda c, t, s, *_: c == k and s == 200) for k in range(8)), timeout=120,
+                 what="every client served once before the outage")
+        cut_at = time.time()
+        replicas.pg[0].cut()
+        wait_for(lambda: seen(lambda c, t, s, *_: t >= cut_at and s == 503), timeout=60,
+                 what="a 503 during the outage")  # the outage was seen
+        restored_at = time.time()
+        replicas.pg[0].restore()
+        wait_for(lambda: all(back(k, restored_at) for k in range(8)), timeout=120,
+                 what="every client served again after the outage")  # no restart needed
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    statuses = {s for _, _, s, *_ in results}
     assert statuses <= {200, 503}, statuses
-    assert all(retry for _, s, retry, _, _ in results if s == 503)
-    assert any(s == 503 for t, s, *_ in results if cut_at <= t <= restored_at + 1)  # the outage was seen
-    assert [s for t, s, *_ in results if t > restored_at + 2.5].count(200) > 0  # and service came back
-    assert all(s == 200 for t, s, *_ in results if t > restored_at + 2.5)
+    assert all(retry for _, _, s, retry, _, _ in results if s == 503)
     stored = {x["name"]: x for x in requests.get(f"{urls[0]}/luts").json()["luts"]}
-    for _, s, _, name, _ in results:
-        if name and s == 200:
-            assert stored[name]["labels"] == 1 and stored[name]["entries"] > 0  # nothing acknowledged lost
+    model, tok = tiny
+    for _, _, s, _, name, label in results:
+        if name and s == 200:  # nothing acknowledged lost: the label is there, whole
+            whole = len(build_entries(model, tok, label)["target"])
+            assert stored[name]["labels"] == 1 and stored[name]["entries"] == whole, (stored[name], whole)
 
     key = requests.post(f"{urls[0]}/keys", json={"name": "a", "admin": True}).json()["key"]
     admin = {"Authorization": f"Bearer {key}"}
