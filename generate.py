@@ -98,6 +98,30 @@ class Sequence:
     def done(self):
         return self.finish_reason is not None
 
+    def check_fits(self, limit):
+        """Raise GenerationError unless this prompt and max_new_tokens fit a context of limit tokens."""
+        n = len(self.prompt_ids)
+        if not n:
+            raise GenerationError("prompt must not be empty")
+        if self.params.sliding_window and n >= limit:
+            raise GenerationError(f"prompt ({n} tokens) must be shorter than the model's context of {limit} tokens")
+        if n + self.params.max_new_tokens > limit and not self.params.sliding_window:
+            raise GenerationError(f"prompt ({n} tokens) plus max_new_tokens ({self.params.max_new_tokens}) "
+                                  f"exceeds the model's context of {limit} tokens")
+
+    def next_drafts(self, k):
+        """Up to k drafts to verify (draft_tokens()), none where speculation does not apply: sampled
+        or penalised decoding, logprobs, the last token, or drafts that missed lately (a few plain steps)."""
+        p = self.params
+        k = min(k, p.max_new_tokens - len(self.out_ids) - 1)
+        if (not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                or p.logprobs is not None or k <= 0):
+            return []
+        if self.draft_pause:
+            self.draft_pause -= 1
+            return []
+        return draft_tokens(self, k)
+
     def seen_tensor(self, device):
         if self._seen_tensor is None:
             self._seen_tensor = torch.tensor(sorted(self._seen), dtype=torch.long, device=device)
@@ -269,14 +293,12 @@ def draft_tokens(seq, k):
 
 
 class Batcher:
-    """Decodes up to max_batch sequences together. Live sequences occupy cache rows 0..n-1 in
-    order: first the decoding ones (rows 0..decoding-1), then those whose prompts are still being
-    prefilled, first come first served (only the first of them may be part-way). A finished
-    decoding row is replaced by the last decoding one, so every decode step is one dense forward
-    pass. A greedy sequence decoding alone is sped up with drafts (draft_tokens()) checked in one
-    pass. prefill_chunk: while rows decode, each step prefills at most this many prompt tokens
-    beside the decode step, so a long prompt is spread over several steps instead of stopping the
-    running sequences for its whole prefill (0 = prompts whole at once)."""
+    """Decodes up to max_batch sequences together in cache rows 0..n-1: first the decoding ones
+    (rows 0..decoding-1), then the prompts being prefilled, first come first served (only the
+    first may be part-way). A finished decoding row takes the last decoding one, so a decode step
+    is one dense pass. A greedy sequence decoding alone verifies drafts (draft_tokens()) in one
+    pass. prefill_chunk: while rows decode, a step prefills at most this many prompt tokens beside
+    them, so a long prompt does not stop them for its whole prefill (0 = whole prompts at once)."""
 
     def __init__(self, model, max_batch=8, draft_tokens=DRAFT_TOKENS, prefill_chunk=PREFILL_CHUNK):
         self.model = model
@@ -294,29 +316,16 @@ class Batcher:
     def free_slots(self):
         return self.max_batch - len(self.seqs)
 
-    def check_fits(self, seq):
-        limit = self.model.config.block_size
-        if not seq.prompt_ids:
-            raise GenerationError("prompt must not be empty")
-        if seq.params.sliding_window and len(seq.prompt_ids) >= limit:
-            raise GenerationError(f"prompt ({len(seq.prompt_ids)} tokens) must be shorter than the model's "
-                                  f"context of {limit} tokens")
-        if len(seq.prompt_ids) + seq.params.max_new_tokens > limit and not seq.params.sliding_window:
-            raise GenerationError(
-                f"prompt ({len(seq.prompt_ids)} tokens) plus max_new_tokens ({seq.params.max_new_tokens}) "
-                f"exceeds the model's context of {limit} tokens")
-
     @torch.inference_mode()
     def admit(self, new_seqs):
-        """Give new sequences free rows and prefill their prompts; returns those that got their
-        first token. With nothing decoding, or prefill_chunk 0, the prompts are prefilled here,
-        whole and together (right-padded); while rows decode and prefill_chunk is set, the next
-        step()s prefill them beside their decode steps."""
+        """Give new sequences free rows; returns those that got their first token. Their prompts
+        are prefilled here, whole and together, unless rows decode with prefill_chunk set: then
+        the next step()s prefill them."""
         assert len(new_seqs) <= self.free_slots
         if not new_seqs:
             return []
         for s in new_seqs:
-            self.check_fits(s)
+            s.check_fits(self.model.config.block_size)
         if self.cache is None:
             from model import KVCache
             self.cache = KVCache(self.model.config, self.max_batch, self.device, self.dtype)
@@ -355,11 +364,9 @@ class Batcher:
         return seqs
 
     def _prefill(self):
-        """Prefill the waiting rows (those past self.decoding), first come first served, and sample
-        the first token of each prompt completed; returns those sequences. While rows decode and
-        prefill_chunk is set, one call prefills at most prefill_chunk tokens (counting padding): a
-        prompt longer than that goes in pieces of up to prefill_chunk tokens over several calls,
-        shorter ones go whole, together; otherwise everything waiting is prefilled."""
+        """Prefill the waiting rows (past self.decoding) in order; returns the sequences whose
+        prompts completed (their first token sampled). While rows decode with prefill_chunk set, at
+        most prefill_chunk tokens (padding counted): longer prompts go in pieces, shorter whole."""
         budget = self.prefill_chunk if self.prefill_chunk and self.decoding else None  # None: no limit
         started = []
         while self.decoding < len(self.seqs) and (budget is None or budget > 0):
@@ -430,30 +437,12 @@ class Batcher:
         up to the first that plain greedy decoding would not have chosen, plus the token chosen
         there: the tokens are those plain decoding gives (each position is computed as its own
         decode step would be, LUT included). Returns False where it does not apply."""
-        p = s.params
-        if (not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-                or p.logprobs is not None):
-            return False
-        if s.draft_pause:  # drafts missed lately: a few plain steps
-            s.draft_pause -= 1
-            return False
         n = self.lengths[0]
-        room = min(self.draft_tokens, p.max_new_tokens - len(s.out_ids) - 1, self.model.config.block_size - n - 1)
-        drafts = draft_tokens(s, room) if room > 0 else []
+        drafts = s.next_drafts(min(self.draft_tokens, self.model.config.block_size - n - 1))
         if not drafts:
             return False
-        inputs = [s.out_ids[-1]] + drafts
-        self.cache.reserve(n + len(inputs))
-        luts = _lut_batch([s], [len(inputs)], tail=drafts)
-        logits, _ = self.model(torch.tensor([inputs], device=self.device), cache=self.cache.rows(0, 1), pos=n,
-                               lut=luts)
-        chosen = logits[0].argmax(-1).cpu()  # (len(inputs),) the greedy token after each input
-        fires = [None] * len(inputs)
-        for j in range(len(inputs) if luts and luts.hits else 0):
-            taught = luts.taught_at(torch.tensor([j]))[0]
-            if taught >= 0:
-                chosen[j] = taught
-                fires[j] = luts.fires_at([j])[0]
+        self.cache.reserve(n + 1 + len(drafts))
+        chosen, fires = _verify(self.model, self.cache.rows(0, 1), s, n, drafts, self.device)
         kept = 0
         while kept < len(drafts) and chosen[kept] == drafts[kept]:
             kept += 1
@@ -504,6 +493,22 @@ class Batcher:
                     self.cache.move_row(r + 1, r, self.lengths[r])
 
 
+def _verify(model, cache, s, n, drafts, device):
+    """One forward pass of s over [last token, drafts...] at position n: the token greedy decoding
+    chooses after each input (the LUT's taught token where it fires) and the fire behind each."""
+    inputs = [s.out_ids[-1]] + drafts
+    luts = _lut_batch([s], [len(inputs)], tail=drafts)
+    logits, _ = model(torch.tensor([inputs], device=device), cache=cache, pos=n, lut=luts)
+    chosen = logits[0].argmax(-1).cpu()  # (len(inputs),) the greedy token after each input
+    fires = [None] * len(inputs)
+    for j in range(len(inputs) if luts and luts.hits else 0):
+        taught = luts.taught_at(torch.tensor([j]))[0]
+        if taught >= 0:
+            chosen[j] = taught
+            fires[j] = luts.fires_at([j])[0]
+    return chosen, fires
+
+
 def _lut_batch(seqs, window, last_only=False, tail=()):
     """The rows' LUTs, matched against each row's text so far (prompt and output: a trigger the
     model writes itself fires too) and tail (drafts being verified); window[i] is how many of its
@@ -533,7 +538,7 @@ def generate(model, tokenizer, prompts, params, luts=None, max_batch=8, on_text=
             for i, (p, sp, lut) in enumerate(zip(prompts, params, luts))]
     batcher = Batcher(model, max_batch=max_batch, draft_tokens=draft_tokens, prefill_chunk=prefill_chunk)
     for s in seqs:
-        batcher.check_fits(s)
+        s.check_fits(model.config.block_size)
     waiting = list(seqs)
     while waiting or batcher.seqs:
         if waiting and batcher.free_slots:

@@ -47,6 +47,13 @@ TABLES = [
 log = logging.getLogger(__name__)
 
 
+def check_name(name):
+    """name, if it is a valid LUT name (whole-string match: no trailing newline); else LUTError."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise LUTError("lut_name must be 1-128 characters of letters, digits and _.:@-")
+    return name
+
+
 def label_digest(label, context):
     r"""A lesson's identity in its LUT, one per (label, context) pair: ("A\0B", "C") and ("A",
     "B\0C") are two lessons. Texts without a NUL are joined by one NUL, which splits back only
@@ -89,6 +96,52 @@ MIGRATIONS = [create_tables, redigest_nul_lessons]
 RETEACH = object()  # LUTStore._load: the LUT is of an older format
 
 
+LABELS_WITH_COUNTS = ("SELECT l.id, l.label, l.context, l.created, COUNT(e.id) FROM labels l LEFT JOIN entries e "
+                      "ON e.label_id = l.id WHERE l.lut=? GROUP BY l.id ORDER BY l.id")
+
+
+class SizedLRU:
+    """A thread-safe map that keeps values within limit bytes (each value's size is given with
+    it), the least recently used out first; a value larger than the limit is not kept."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._items = collections.OrderedDict()  # key -> (value, size)
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            item = self._items.get(key)
+        return item and item[0]
+
+    def touch(self, key):
+        """Mark key as just used."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+
+    def put(self, key, value, size):
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            if size <= self.limit:
+                self._items[key] = (value, size)
+                self._bytes += size
+            while self._bytes > self.limit:
+                self._bytes -= self._items.popitem(last=False)[1][1]
+
+    def info(self):
+        with self._lock:
+            return {"entries": len(self._items), "bytes": self._bytes, "limit_bytes": self.limit}
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
 class LUTStore:
     """LUTs in a database (storage.py): a SQLite file, or PostgreSQL shared by replicas. Loaded
     LUTs are cached, least recently used out, within cache_mb of memory (lut_bytes), and
@@ -102,10 +155,8 @@ class LUTStore:
         self.db = path if isinstance(path, Database) else Database(path)
         self.cache_mb = cache_mb
         self.observe = observe or (lambda event, value=1: None)
-        self._cache = collections.OrderedDict()  # (name, device) -> (LUT, its lut_bytes)
-        self._cache_bytes = 0
+        self._cache = SizedLRU(cache_mb * 2**20)  # (name, device) -> LUT
         self._directions = collections.defaultdict(dict)  # model id -> {token: u} (solve_values)
-        self._lock = threading.Lock()
         self.db.migrate("luts", MIGRATIONS)
 
     def close(self):
@@ -115,11 +166,7 @@ class LUTStore:
         """A write transaction: all of it or none."""
         return _Transaction(self.db)
 
-    @staticmethod
-    def check_name(name):
-        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            raise LUTError("lut_name must be 1-128 characters of letters, digits and _.:@-")
-        return name
+    check_name = staticmethod(check_name)
 
     # -- teaching
 
@@ -165,13 +212,7 @@ class LUTStore:
         with self.db.connection() as db:
             labels = db.execute("SELECT id, label, context FROM labels WHERE lut=? ORDER BY id", (lut_name,)).fetchall()
         log.info("re-teaching LUT %r (%d labels) in the current format", lut_name, len(labels))
-        directions = self._directions[model.fingerprint()]
-        built = []
-        for label_id, label, context in labels:
-            try:
-                built.append((label_id, build_entries(model, tokenizer, label, context or None, directions)))
-            except LUTError as e:  # kept as a label; it has nothing to recall by now
-                log.warning("LUT %r label %d not re-taught: %s", lut_name, label_id, e)
+        built = _rebuilt(model, tokenizer, lut_name, labels, self._directions[model.fingerprint()])
         with self._write() as db:
             if db.execute("SELECT format FROM luts WHERE name=? FOR UPDATE", (lut_name,)).fetchone()[0] >= FORMAT:
                 return  # another process did it meanwhile
@@ -196,9 +237,7 @@ class LUTStore:
     def _load(self, db, lut_name, model):
         device = next(model.parameters()).device
         key = (lut_name, str(device))
-        with self._lock:
-            cached = self._cache.get(key)
-        cached = cached and cached[0]
+        cached = self._cache.get(key)
         if cached is not None:  # the revalidation: one primary-key lookup
             row = db.execute("SELECT model_id, format, version FROM luts WHERE name=?", (lut_name,)).fetchone()
             if row is None:
@@ -207,8 +246,7 @@ class LUTStore:
             if row[1] < FORMAT:
                 return RETEACH
             if cached.version == row[2]:
-                with self._lock:
-                    self._cache.move_to_end(key)
+                self._cache.touch(key)
                 self.observe("cache_hit")
                 return cached
         self.observe("cache_miss")
@@ -232,32 +270,15 @@ class LUTStore:
                                 labels, get_tokenizer(getattr(model, "tokenizer_spec", None)))
         lut.observe = self.observe
         lut = lut.to(device)
-        self._cache_put(key, lut)
+        self._cache.put(key, lut, lut_bytes(lut))
         return lut
-
-    def _cache_put(self, key, lut):
-        """Cache lut under key, the least recently used out until the cache fits cache_mb; a LUT
-        larger than the whole cache is not kept."""
-        size, limit = lut_bytes(lut), self.cache_mb * 2**20
-        with self._lock:
-            old = self._cache.pop(key, None)
-            if old is not None:
-                self._cache_bytes -= old[1]
-            if size <= limit:
-                self._cache[key] = (lut, size)
-                self._cache_bytes += size
-            while self._cache_bytes > limit:
-                self._cache_bytes -= self._cache.popitem(last=False)[1][1]
 
     def cache_info(self):
         """{"entries": LUTs cached, "bytes": their estimated memory (lut_bytes), "limit_bytes": cache_mb}."""
-        with self._lock:
-            return {"entries": len(self._cache), "bytes": self._cache_bytes, "limit_bytes": self.cache_mb * 2**20}
+        return self._cache.info()
 
     def clear_cache(self):
-        with self._lock:
-            self._cache.clear()
-            self._cache_bytes = 0
+        self._cache.clear()
 
     # -- managing
 
@@ -272,20 +293,8 @@ class LUTStore:
         SQL: only this page is read and counted) -> (LUTs as list() gives them, the name to pass
         as `after` for the next page, or None after the last). allowed(name): the LUTs to show
         (a tenant's key); the others are passed over."""
-        names, cursor, more = [], after, False
         with self.db.connection() as db:
-            while True:
-                chunk = max(limit + 1, 256) if allowed else limit + 1
-                rows = [r[0] for r in db.execute(
-                    "SELECT name FROM luts " + ("WHERE name > ? " if cursor is not None else "") +
-                    "ORDER BY name LIMIT ?", ((cursor,) if cursor is not None else ()) + (chunk,)).fetchall()]
-                names += [n for n in rows if allowed is None or allowed(n)]
-                if len(names) > limit:
-                    names, more = names[:limit], True
-                    break
-                if len(rows) < chunk:
-                    break
-                cursor = rows[-1]
+            names, more = _page_names(db, limit, after, allowed)
             found = _described(db, f"WHERE name IN ({', '.join('?' * len(names))})", names) if names else []
         return found, (names[-1] if more else None)
 
@@ -295,9 +304,7 @@ class LUTStore:
         if not info:
             raise LUTError(f"no LUT named {lut_name!r}", 404)
         with self.db.connection() as db:
-            labels = db.execute(
-                "SELECT l.id, l.label, l.context, l.created, COUNT(e.id) FROM labels l LEFT JOIN entries e "
-                "ON e.label_id = l.id WHERE l.lut=? GROUP BY l.id ORDER BY l.id", (lut_name,)).fetchall()
+            labels = db.execute(LABELS_WITH_COUNTS, (lut_name,)).fetchall()
         info[0]["labels"] = [dict(id=i, label=t, label_context=c or None, created=ts, entries=n,
                                   **dict(zip(("recall", "trigger"), recall_mode(t, c or None))))
                              for i, t, c, ts, n in labels]
@@ -331,6 +338,35 @@ class LUTStore:
         with self._write() as db:
             import_lut(db, name, meta, labels, entries)
         return name
+
+
+def _rebuilt(model, tokenizer, lut_name, labels, directions):
+    """[(label id, its entries)] for labels [(id, label, context)] taught anew; a label that no
+    longer yields entries is logged and kept without them."""
+    built = []
+    for label_id, label, context in labels:
+        try:
+            built.append((label_id, build_entries(model, tokenizer, label, context or None, directions)))
+        except LUTError as e:
+            log.warning("LUT %r label %d not re-taught: %s", lut_name, label_id, e)
+    return built
+
+
+def _page_names(db, limit, after, allowed):
+    """Up to limit LUT names after `after` that allowed(name) accepts (all when allowed is None),
+    by name -> (names, whether more follow)."""
+    names, cursor = [], after
+    while True:
+        chunk = max(limit + 1, 256) if allowed else limit + 1
+        rows = [r[0] for r in db.execute(
+            "SELECT name FROM luts " + ("WHERE name > ? " if cursor is not None else "") +
+            "ORDER BY name LIMIT ?", ((cursor,) if cursor is not None else ()) + (chunk,)).fetchall()]
+        names += [n for n in rows if allowed is None or allowed(n)]
+        if len(names) > limit:
+            return names[:limit], True
+        if len(rows) < chunk:
+            return names, False
+        cursor = rows[-1]
 
 
 def _described(db, where, args):

@@ -87,7 +87,7 @@ class Engine:
     def submit(self, prompt_ids, params, lut=None):
         """Queue a request; raises GenerationError (bad request), QueueFull or EngineStopped."""
         seq = Sequence(prompt_ids, params, self.tokenizer, lut)
-        self.batcher.check_fits(seq)
+        seq.check_fits(self.batcher.model.config.block_size)
         job = Job(seq)
         with self._wake:
             if self._stopped:

@@ -50,10 +50,10 @@ def test_nanogpt_python_example_and_client(server, cli_env):
     api_url = server.url
     assert requests.post(f"{api_url}/api/load_model", json={"model_type": "gpt2"}).json()["message"] == \
         "Model loaded successfully"
-    seed_request = {"prompt": "Once upon a time", "max_new_tokens": 150, "temperature": 0.8, "top_k": 40}
-    response = requests.post(f"{api_url}/api/generate", json=seed_request)
+    first_request = {"prompt": "Once upon a time", "max_new_tokens": 150, "temperature": 0.8, "top_k": 40}
+    response = requests.post(f"{api_url}/api/generate", json=first_request)
     assert response.status_code == 413  # the tiny test model's context is 128 tokens (GPT-2's is 1024)
-    response = requests.post(f"{api_url}/api/generate", json={**seed_request, "max_new_tokens": 100})
+    response = requests.post(f"{api_url}/api/generate", json={**first_request, "max_new_tokens": 100})
     assert response.json()["generated_text"].startswith("Once upon a time")
     assert client(server, cli_env, "status").returncode == 0
     assert '"gpt2-xl"' in client(server, cli_env, "list").stdout

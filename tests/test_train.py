@@ -81,7 +81,7 @@ def test_train_from_scratch_resume_and_sample(data_dir, tmp_path, cli_env):
     assert r.stdout.startswith("ROMEO:") and len(r.stdout) > 20
 
 
-def test_finetune_hub_gpt2_on_the_seed_dataset_spelling(hf_tiny, data_dir, tmp_path, cli_env):
+def test_finetune_hub_gpt2_on_the_nanogpt_dataset_spelling(hf_tiny, data_dir, tmp_path, cli_env):
     out = str(tmp_path / "ft")
     run(cli_env, "train.py", "--init_from", "gpt2", "--data_dir", data_dir, "--dataset", "shakesphere",
         "--out_dir", out, "--block_size", "64", "--batch_size", "4", "--max_iters", "10", "--eval_interval", "5",
