@@ -88,6 +88,8 @@ class Models:
             while others and (len(self.running) > self.cfg.max_loaded_models or
                               cap and sum(model_bytes(m.model) for m in self.running.values()) > cap):
                 stopped.append(self.running.pop(others.pop(0)))
+            if self.default not in self.running:  # in the same step: a request never finds the default gone
+                self.default = name
             self.error = None
         for old in stopped:
             old.engine.stop()  # finishes what it is running, then its thread ends
