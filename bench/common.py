@@ -11,6 +11,31 @@ sys.path.insert(0, ROOT)
 from model import GPT, GPTConfig, PRETRAINED, from_state_dict  # noqa: E402
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(proc, url, ready, seconds=120):
+    """Poll url until ready(response) is true -> True; False when proc exits or time runs out
+    (proc is then killed)."""
+    import time
+    import requests
+    for _ in range(int(seconds * 5)):
+        try:
+            if ready(requests.get(url, timeout=1)):
+                return True
+        except (requests.ConnectionError, requests.Timeout, ValueError):
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    return False
+
+
 class Targets:
     """Each check prints its verdict; missed() says whether the run must exit non-zero."""
 

@@ -170,28 +170,16 @@ def measure(llama_dir, model_dir, threads=2, new_tokens=128, batch=8, types=("f3
 def start_server(llama_dir, gguf, slots, threads, ctx_per_slot=256, log_path=os.devnull):
     """A live llama-server on a free loopback port serving gguf with `slots` parallel sequences
     (-np) of ctx_per_slot tokens each, on `threads` threads -> (process, url) once /health is ok."""
-    import socket
-    import time
-    import requests
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from common import free_port, wait_until_ready
+    port = free_port()
     proc = subprocess.Popen([_binary(llama_dir, "llama-server"), "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
                              "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads),
                              "-cb"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=open(log_path, "w"))
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    proc.kill()
-    raise PeerError(f"llama-server did not start (exit {proc.poll()}); its log: {log_path}")
+    if not wait_until_ready(proc, url + "/health", lambda r: r.status_code == 200):
+        raise PeerError(f"llama-server did not start (exit {proc.poll()}); its log: {log_path}")
+    return proc, url
 
 
 def check_greedy(llama_dir, model_dir, n=16, prompt="The quick brown fox", log=print):

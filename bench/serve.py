@@ -21,7 +21,6 @@ below llama-server's; peak RSS <= 1.3x; 1 client >= 90% of in-process) are print
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,30 +35,20 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import GPTConfig  # noqa: E402
-from common import Targets, paired_models, random_hub_model  # noqa: E402
+from common import Targets, free_port, paired_models, random_hub_model, wait_until_ready  # noqa: E402
 
 
 def start_server(workdir, ckpt_dir, *args):
     """A live api_server.py serving the checkpoint in ckpt_dir; args: more flags."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "api_server.py"), "--port", str(port), "--device", "cpu",
                              "--models_dir", "models", "--model_path", ckpt_dir,
                              "--anonymous_rate_per_minute", "0", *args], cwd=workdir,  # the clients are keyless and many
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "server.log"), "w"))
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(url + "/health", timeout=1).json().get("model_loaded"):
-                return proc, url
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    proc.kill()
-    sys.exit("server did not start:\n" + open(os.path.join(workdir, "server.log")).read()[-2000:])
+    if not wait_until_ready(proc, url + "/health", lambda r: r.json().get("model_loaded")):
+        sys.exit("server did not start:\n" + open(os.path.join(workdir, "server.log")).read()[-2000:])
+    return proc, url
 
 
 def load(url, clients, n_requests, new_tokens):
