@@ -148,13 +148,16 @@ class LUTStore:
     revalidated against the LUT's version on every use (one primary-key lookup), so a write by
     any process or replica is seen by the next load."""
 
-    def __init__(self, path, cache_mb=256, observe=None):
+    def __init__(self, path, cache_mb=256, observe=None, run=None):
         """path: a SQLite file, a postgresql:// URL, or a storage.Database. cache_mb: memory the
         cached LUTs may hold (0: none is kept). observe(event, value): told of cache hits and
-        misses, teach times and entries that fire (the server's metrics)."""
+        misses, teach times and entries that fire (the server's metrics). run(fn, *args): how
+        the store calls its torch work (forward passes, LUT tensors); the server passes
+        server.engine.apart, which keeps that work's OpenMP threads from slowing its engines."""
         self.db = path if isinstance(path, Database) else Database(path)
         self.cache_mb = cache_mb
         self.observe = observe or (lambda event, value=1: None)
+        self.run = run or (lambda fn, *args: fn(*args))
         self._cache = SizedLRU(cache_mb * 2**20)  # (name, device) -> LUT
         self._directions = collections.defaultdict(dict)  # model id -> {token: u} (solve_values)
         self.db.migrate("luts", MIGRATIONS)
@@ -186,7 +189,7 @@ class LUTStore:
                 return {"added": 0, "replaced": 0}
         if row is not None and row[1] < FORMAT:
             self._retrain(lut_name, model)
-        entries = build_entries(model, tokenizer, label, label_context, self._directions[model_id])
+        entries = self.run(build_entries, model, tokenizer, label, label_context, self._directions[model_id])
         now = time.time()
         with self._write() as db:
             db.execute("INSERT INTO luts (name, model_id, model_source, format, version, created) "
@@ -212,7 +215,7 @@ class LUTStore:
         with self.db.connection() as db:
             labels = db.execute("SELECT id, label, context FROM labels WHERE lut=? ORDER BY id", (lut_name,)).fetchall()
         log.info("re-teaching LUT %r (%d labels) in the current format", lut_name, len(labels))
-        built = _rebuilt(model, tokenizer, lut_name, labels, self._directions[model.fingerprint()])
+        built = self.run(_rebuilt, model, tokenizer, lut_name, labels, self._directions[model.fingerprint()])
         with self._write() as db:
             if db.execute("SELECT format FROM luts WHERE name=? FOR UPDATE", (lut_name,)).fetchone()[0] >= FORMAT:
                 return  # another process did it meanwhile
@@ -265,11 +268,10 @@ class LUTStore:
         labels = {i: (t, c) for i, t, c in db.execute("SELECT id, label, context FROM labels WHERE lut=?",
                                                         (lut_name,)).fetchall()}
         from tokenizer import get_tokenizer
-        lut = lut_from_rows(lut_name, model_id, version, model.config.n_embd,
-                                [] if rows[0][3] is None else [r[3:] for r in rows],  # no entries: one row of NULLs
-                                labels, get_tokenizer(getattr(model, "tokenizer_spec", None)))
+        lut = self.run(lut_from_rows, lut_name, model_id, version, model.config.n_embd,
+                       [] if rows[0][3] is None else [r[3:] for r in rows],  # no entries: one row of NULLs
+                       labels, get_tokenizer(getattr(model, "tokenizer_spec", None)), device)
         lut.observe = self.observe
-        lut = lut.to(device)
         self._cache.put(key, lut, lut_bytes(lut))
         return lut
 
@@ -461,14 +463,15 @@ def check_model(lut_name, row, model_id, model):
                        f"{source} is {model_id}. Load that model or use another lut_name", 409)
 
 
-def lut_from_rows(lut_name, model_id, version, n_embd, rows, labels, tokenizer):
-    """A LUT from rows of (id, label_id, min_len, target, evidence, value), entries ordered by id."""
+def lut_from_rows(lut_name, model_id, version, n_embd, rows, labels, tokenizer, device="cpu"):
+    """A LUT on device from rows of (id, label_id, min_len, target, evidence, value), entries ordered by id."""
     ids, label_ids, min_len, targets, evidence, values = list(zip(*rows)) if rows else ((),) * 6
     order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
     values = np.frombuffer(b"".join(values), dtype=np.float16).reshape(len(rows), n_embd)[order]
     return LUT(lut_name, model_id, [np.frombuffer(evidence[i], dtype=np.int32).tolist() for i in order],
                np.asarray(min_len, dtype=np.int64)[order], np.asarray(targets, dtype=np.int64)[order],
-               torch.from_numpy(values), version, np.asarray(label_ids, dtype=np.int64)[order], labels, tokenizer)
+               torch.from_numpy(values), version, np.asarray(label_ids, dtype=np.int64)[order], labels,
+               tokenizer).to(device)
 
 
 _Transaction = Transaction  # its __exit__ is where a write commits (the crash tests stop there)

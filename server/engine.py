@@ -14,6 +14,30 @@ from generate import DRAFT_TOKENS, PREFILL_CHUNK, Batcher, Sequence
 log = logging.getLogger(__name__)
 
 
+def apart(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run in a thread of its own that ends when fn does; its result is
+    returned, its exception raised here. For torch work outside the engine (loading a model,
+    teaching or loading a LUT): libgomp, torch's OpenMP on CPU, keeps a pool of worker threads for
+    every thread that has run a parallel op, and once the pools hold more threads than there are
+    cores, every worker sleeps between ops instead of spinning, so each of the engine's ops pays
+    a wake-up (one stream decoded ~35% slower, docs/performance.md). A thread that ends takes its
+    pool with it, which leaves the engine threads the only ones holding one."""
+    outcome = {}
+
+    def call():
+        try:
+            outcome["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: B036 - handed to the caller, who decides
+            outcome["error"] = e
+
+    thread = threading.Thread(target=call, name=f"apart:{getattr(fn, '__name__', 'torch')}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 class QueueFull(Exception):
     """Too many requests waiting; answered with 503 and Retry-After."""
 

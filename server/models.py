@@ -11,7 +11,7 @@ import threading
 
 from model import ModelLoadError, load_model, resolve_device
 from server.common import APIError
-from server.engine import Engine
+from server.engine import Engine, apart
 from tokenizer import get_tokenizer
 
 log = logging.getLogger("api_server")
@@ -71,7 +71,7 @@ class Models:
     def _start(self, init_from, name, quantize, make_room):
         device, dtype = resolve_device(self.cfg.device, self.cfg.dtype)
         try:
-            model = load_model(init_from, device, dtype, quantize)
+            model = apart(load_model, init_from, device, dtype, quantize)  # no OpenMP pool left here
         except ModelLoadError as e:  # clients see it: checkpoints named relative to the models directory
             raise ModelLoadError(str(e).replace(os.path.realpath(self.cfg.models_dir) + os.sep, "")) from None
         cap = self.cfg.max_model_memory_mb << 20

@@ -15,7 +15,7 @@ from lut_store import LUTStore
 from model import HUB_ORG, PRETRAINED, ModelLoadError
 from server import metrics
 from server.common import APIError, resolve_model_path, trained_models
-from server.engine import EngineStopped, QueueFull
+from server.engine import EngineStopped, QueueFull, apart
 from server.keys import read_public_models
 from server.models import Models
 from server.trainer import Trainer
@@ -33,7 +33,7 @@ class Service:
         shared = Database(cfg.database_url) if cfg.database_url else None  # one pool for all three
         state = shared or Database(cfg.state_db)
         self.metrics = metrics.Metrics(redis=bool(cfg.redis_url))
-        self.store = LUTStore(shared or cfg.lut_db, cache_mb=cfg.lut_cache_mb, observe=self.metrics.observe)
+        self.store = LUTStore(shared or cfg.lut_db, cache_mb=cfg.lut_cache_mb, observe=self.metrics.observe, run=apart)
         self.trainer = Trainer(state, cfg.max_train_jobs)
         self.access = Access(state, cfg.rate_limit_per_minute, cfg.rate_limit_burst, cfg.redis_url)
         self.public_models = read_public_models(cfg.public_models)  # a bad file stops start-up

@@ -2,13 +2,15 @@
 never make another model answer, and each API's own defaults for its own request shape."""
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
 import requests
 import torch
 
-from conftest import Server, script_env
+from conftest import ROOT, Server, script_env
 from server.engine import Engine, EngineStopped
 from generate import SamplingParams, Sequence
 
@@ -234,3 +236,68 @@ def test_swap_storm(hf_tiny, tiny, tmp_path):
     assert not any(t.is_alive() for t in clients), "a client hung"
     assert not failures, failures[:5]
     assert {"zebra", "gpt2"} <= set(answers) and len(answers) >= 20
+
+
+APART_CHECK = """
+import os, torch
+from lut_store import LUTStore
+from server.engine import apart
+from server.service import Service
+torch.set_num_threads(2)
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+def work():
+    a = torch.ones(1024, 1024)
+    return float((a @ a).sum())
+
+def fail():
+    raise KeyError("from the thread")
+
+before = threads()
+assert apart(work) == 1024.0 ** 3
+try:
+    apart(fail)
+except KeyError as e:
+    assert "from the thread" in str(e)
+else:
+    raise AssertionError("apart() lost the exception")
+after_apart = threads()
+work()  # in this thread: its OpenMP workers stay
+print(before, after_apart, threads())
+"""
+
+
+def test_torch_work_apart_leaves_no_openmp_threads_behind():
+    """A thread that ran a parallel torch op keeps libgomp workers, which make the engine's ops
+    wait on wake-ups (server/engine.py: apart). Work done apart leaves none; done in place, some."""
+    out = subprocess.run([sys.executable, "-c", APART_CHECK], cwd=ROOT, env=script_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after_apart, after_in_place = map(int, out.stdout.split())
+    assert after_apart == before
+    assert after_in_place > before  # the check can fail: the op does start OpenMP workers
+
+
+def test_the_server_does_its_torch_work_apart(app_factory, monkeypatch):
+    """Model loads and the LUT store's torch work (forward passes, LUT tensors) run in threads
+    that end with them, never in the request thread (or the worker's main thread)."""
+    import lut_store
+    import server.models
+    ran = []
+
+    def spy(fn):
+        def called(*args, **kwargs):
+            ran.append((fn.__name__, threading.current_thread()))
+            return fn(*args, **kwargs)
+        return called
+    for module, name in ((server.models, "load_model"), (lut_store, "build_entries"), (lut_store, "lut_from_rows")):
+        monkeypatch.setattr(module, name, spy(getattr(module, name)))
+    client = app_factory().test_client()
+    assert client.post("/train_lut", json={"lut_name": "a", "label": "Zorbleflax Quixotry is a nurse."}).status_code == 200
+    r = client.post("/generate", json={"prompt": "Zorbleflax Quixotry is a", "lut_name": "a", "length": 2})
+    assert r.status_code == 200, r.get_json()
+    assert {name for name, _ in ran} == {"load_model", "build_entries", "lut_from_rows"}
+    for name, thread in ran:
+        assert thread is not threading.current_thread() and not thread.is_alive(), name
