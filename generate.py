@@ -448,7 +448,7 @@ class Batcher:
             kept += 1
         self.lengths[0] = n + kept + 1  # the inputs whose keys and values are right
         s.draft_pause = 0 if kept else 4
-        for token, fire in zip(drafts[:kept] + [int(chosen[kept])], fires):
+        for token, fire in zip(drafts[:kept] + [chosen[kept]], fires):
             s.append(token, fire)
             if s.done:
                 break
@@ -495,35 +495,43 @@ class Batcher:
 
 def _verify(model, cache, s, n, drafts, device):
     """One forward pass of s over [last token, drafts...] at position n: the token greedy decoding
-    chooses after each input (the LUT's taught token where it fires) and the fire behind each."""
+    chooses after each input (the LUT's taught token where it fires) and the fire behind each.
+    The pass runs without the LUT: where an entry fires, greedy decoding takes its taught token
+    whatever the logits say, and an entry changes no other position's logits (it adds to the
+    final residual only). So the LUT is asked only up to the first draft that is not kept, not
+    at every draft (most are not kept)."""
     inputs = [s.out_ids[-1]] + drafts
-    luts = _lut_batch([s], [len(inputs)], tail=drafts)
-    logits, _ = model(torch.tensor([inputs], device=device), cache=cache, pos=n, lut=luts)
-    chosen = logits[0].argmax(-1).cpu()  # (len(inputs),) the greedy token after each input
+    logits, _ = model(torch.tensor([inputs], device=device), cache=cache, pos=n)
+    chosen = logits[0].argmax(-1).tolist()  # the greedy token after each input
     fires = [None] * len(inputs)
-    for j in range(len(inputs) if luts and luts.hits else 0):
-        taught = luts.taught_at(torch.tensor([j]))[0]
-        if taught >= 0:
-            chosen[j] = taught
-            fires[j] = luts.fires_at([j])[0]
+    if s.lut is not None and len(s.lut):
+        s.lut_memo["stable"] = len(s.tokens)  # the drafts may still be rejected
+        text, fired = s.tokens + drafts, 0
+        for j in range(len(inputs)):
+            e, how = s.lut.fire(text, len(s.tokens) - 1 + j, s.lut_memo)
+            if e >= 0:
+                chosen[j], fires[j] = int(s.lut.targets[e]), (s.lut, e, how)
+                fired += 1
+            if j == len(drafts) or chosen[j] != drafts[j]:
+                break
+        if fired and s.lut.observe is not None:
+            s.lut.observe("fired", fired)
     return chosen, fires
 
 
-def _lut_batch(seqs, window, last_only=False, tail=()):
+def _lut_batch(seqs, window, last_only=False):
     """The rows' LUTs, matched against each row's text so far (prompt and output: a trigger the
-    model writes itself fires too) and tail (drafts being verified); window[i] is how many of its
-    last tokens this pass covers. None where nothing fires: the pass then runs as without LUTs."""
+    model writes itself fires too); window[i] is how many of its last tokens this pass covers.
+    None where nothing fires: the pass then runs as without LUTs."""
     taught = [s for s in seqs if s.lut is not None]
     if not taught:
         return None
     for s in taught:
-        s.lut_memo["stable"] = len(s.tokens)  # drafts in tail may still be rejected
-    if not tail and max(window) == 1 and all(s.lut.fire(s.tokens, len(s.tokens) - 1, s.lut_memo)[0] < 0
-                                             for s in taught):
+        s.lut_memo["stable"] = len(s.tokens)
+    if max(window) == 1 and all(s.lut.fire(s.tokens, len(s.tokens) - 1, s.lut_memo)[0] < 0 for s in taught):
         return None  # a decode step where nothing fires, the usual case: decided without building a batch
     from lut import LUTBatch
-    luts = LUTBatch([s.lut for s in seqs], [s.tokens + list(tail) if tail else s.tokens for s in seqs], window,
-                    last_only, [s.lut_memo for s in seqs])
+    luts = LUTBatch([s.lut for s in seqs], [s.tokens for s in seqs], window, last_only, [s.lut_memo for s in seqs])
     return luts if luts.fires else None
 
 

@@ -224,14 +224,6 @@ class LUT:
             memo["fired"] = t, found
         return found
 
-    def fire_span(self, tokens, first, end, memo=None):
-        """fire() at each position first..end-1: the variants' check for a subject nearby is made
-        once for the whole span (a verify pass covers 9 positions; one check per position would
-        scan the unverified drafts again each time)."""
-        if self.variants is not None and not self.variants.quiet(tokens, first, end - 1, memo):
-            return [self.fire(tokens, t, memo) for t in range(first, end)]
-        return [(e, "verbatim" if e >= 0 else None) for e in (self.match(tokens, t) for t in range(first, end))]
-
     def label_of(self, entry):
         """(label id, label, label_context) of an entry."""
         label_id = int(self.label_ids[entry])
@@ -286,7 +278,8 @@ class LUTBatch:
             start = n - window[r]
             first = n - 1 if last_only else start
             memo = memos[r] if memos else None
-            for t, (e, how) in enumerate(lut.fire_span(tokens, first, n, memo), first):
+            for t in range(first, n):
+                e, how = lut.fire(tokens, t, memo)
                 if e >= 0:
                     _, rows, positions, entries = found.setdefault(id(lut), (lut, [], [], []))
                     rows.append(r)

@@ -272,21 +272,3 @@ def test_sample_py_prints_the_trace(tiny, cli_env, tmp_path):
         assert lines[2] == f"[lut_trace] 0-19 ' nurse from Gdansk.' <- label 1 '{FACT}' (verb_form)", lines
     r = run("--start", "x", "--lut_trace", "--lut_name", "")
     assert r.returncode == 1 and "--lut_trace needs --lut_name" in r.stderr
-
-
-def test_a_span_fires_as_its_positions_do(taught):
-    """LUTBatch checks a verify pass's span once for a subject nearby (LUT.fire_span); what fires
-    at each position is what fire() finds there alone, subject named or not, memo or not."""
-    model, tok, _, lut = taught
-    texts = ["Yesterday Alice Kowalski, as you know, was a nurse from Gdansk and then",
-             "It was a quiet evening and the streets were empty when the bank closed.",
-             "Q: Where is Quillmere Bank?\nA: Quillmere Bank is a small lender in Oslo."]
-    for text in texts:
-        tokens = tok.encode(text)
-        for first in range(len(tokens)):
-            for end in range(first + 1, min(first + 10, len(tokens)) + 1):
-                stable = max(first, end - 4)  # the last few tokens: drafts not yet verified
-                alone = [lut.fire(tokens, t, {"stable": stable}) for t in range(first, end)]
-                assert lut.fire_span(tokens, first, end, {"stable": stable}) == alone, (text, first, end)
-                assert lut.fire_span(tokens, first, end) == [lut.fire(tokens, t) for t in range(first, end)]
-    assert any(e >= 0 for e, _ in lut.fire_span(tokens, 0, len(tokens)))  # the check can see a fire
