@@ -145,3 +145,26 @@ def test_prefill_chunk_is_a_setting():
     with pytest.raises(ValueError, match="prefill_chunk must be >= 0"):
         ServerConfig(prefill_chunk=-1)
     assert ServerConfig.from_env({"GPT_PREFILL_CHUNK": "0"}).prefill_chunk == 0
+
+
+def test_a_long_prompt_never_waits_for_the_cache_to_grow(tiny):
+    """On the CPU kernels' path the KV cache holds the whole context from the start (address space;
+    pages become resident as they are written), so admitting a long prompt copies nothing: the
+    tensors a batch starts with are the ones it ends with. Elsewhere the cache grows on demand."""
+    need_kernels()
+    import torch
+    from model import GPT, GPTConfig, KVCache
+    tok = tiny[1]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=1024)).eval()
+    assert KVCache(model.config, 4, "cpu", torch.float32).k[0].size(2) == 1024
+    assert KVCache(model.config, 4, "cpu", torch.bfloat16).k[0].size(2) < 1024
+    batcher = Batcher(model, max_batch=4, prefill_chunk=64)
+    batcher.admit([Sequence(tok.encode(RUNNER), greedy(40), tok, None)])
+    batcher.step()
+    first = [t.data_ptr() for t in batcher.cache.k + batcher.cache.v]
+    batcher.admit([Sequence(tok.encode(LONG * 12), greedy(20), tok, None)])  # ~580 tokens
+    while batcher.decoding < 2:  # until the prompt, prefilled in pieces, decodes beside the runner
+        batcher.step()
+    assert max(batcher.lengths) > 512
+    assert [t.data_ptr() for t in batcher.cache.k + batcher.cache.v] == first
