@@ -36,7 +36,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import requests
 import torch
 
@@ -45,6 +44,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from common import Targets  # noqa: E402
 from generate import SamplingParams, generate  # noqa: E402
+from load import server_rss  # noqa: E402
 from lut import FORMAT, build_entries  # noqa: E402
 from lut_store import LUTStore, label_digest, lut_bytes  # noqa: E402
 from model import GPT, GPTConfig, load_model  # noqa: E402
@@ -223,9 +223,12 @@ def isolation(target, model, tok, names, assignment, first, pool, rng):
     return same, right
 
 
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+def serving_mb(pid):
+    """RSS of the process that serves: gunicorn's worker, which holds the model and the LUT cache
+    (api_server.py itself is its master)."""
+    while (rss := server_rss(pid)) is None:  # the listing raced a read; try again
+        time.sleep(0.01)
+    return rss[0]
 
 
 def server_part(work, ckpt, store_args, cache_mb, n_luts, total, n_used, assignment, pool, targets, clients=2):
@@ -256,7 +259,7 @@ def server_part(work, ckpt, store_args, cache_mb, n_luts, total, n_used, assignm
                 t.start()
             peak = 0.0
             while any(t.is_alive() for t in threads):
-                peak = max(peak, rss_mb(proc.pid))
+                peak = max(peak, serving_mb(proc.pid))
                 time.sleep(0.2)
             for t in threads:
                 t.join()
@@ -264,11 +267,11 @@ def server_part(work, ckpt, store_args, cache_mb, n_luts, total, n_used, assignm
 
         used = random.Random(1).sample(range(n_luts), n_used + 200)
         run(used[:200] + [None] * 200)  # warm-up: both kinds of request, the cache filled
-        before = rss_mb(proc.pid)
+        before = serving_mb(proc.pid)
         base_s, base_peak, _ = run([None] * n_used)
-        mid = rss_mb(proc.pid)
+        mid = serving_mb(proc.pid)
         lut_s, lut_peak, recalled = run(used[200:])
-        after = rss_mb(proc.pid)
+        after = serving_mb(proc.pid)
         metrics = requests.get(url + "/metrics").text
         values = dict(line.split() for line in metrics.splitlines() if line.startswith("gpt2lut:lut_cache_"))
         cached, entries = float(values["gpt2lut:lut_cache_bytes"]) / 2**20, int(float(values["gpt2lut:lut_cache_entries"]))
