@@ -21,7 +21,7 @@ The store's model has the 124M shape's vocabulary and --n_embd (default 128: 100
 values would be ~45 GB per engine) with 2 layers (the LUTs' size does not depend on the depth);
 the batch part uses the full 124M shape.
 
-    python bench/tenants.py                          # both engines, 100,000 LUTs (~30 minutes on 2 idle cores)
+    python bench/tenants.py                          # both engines, 100,000 LUTs (~20 minutes on 2 idle cores)
     python bench/tenants.py --quick                  # 2,000 LUTs, smaller samples (~3 minutes)
     python bench/tenants.py --database sqlite --luts 20000
 """
