@@ -179,8 +179,8 @@ class KVCache:
     """Keys and values of every layer for up to max_batch rows. Rows are independent sequences
     of different lengths; memory follows use. On the CPU kernels' path the whole context is
     reserved at once, uninitialised: only the pages written become resident, and a long prompt
-    never waits while the cache is copied into a larger one (~0.6 s from 512 to 1,024 positions
-    at batch 8, int8 124M). Elsewhere (zeros, on a GPU) the capacity doubles on demand."""
+    never stalls the running rows while the cache is copied into a larger one (docs/performance.md,
+    chunked prefill). Elsewhere (zeros, on a GPU) the capacity doubles on demand."""
 
     def __init__(self, config, max_batch, device, dtype, capacity=256):
         self.shape = (max_batch, config.n_head, 0, config.n_embd // config.n_head)

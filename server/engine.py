@@ -20,8 +20,8 @@ def apart(fn, *args, **kwargs):
     teaching or loading a LUT): libgomp, torch's OpenMP on CPU, keeps a pool of worker threads for
     every thread that has run a parallel op, and once the pools hold more threads than there are
     cores, every worker sleeps between ops instead of spinning, so each of the engine's ops pays
-    a wake-up (one stream decoded ~35% slower, docs/performance.md). A thread that ends takes its
-    pool with it, which leaves the engine threads the only ones holding one."""
+    a wake-up (one stream decodes about a third slower: docs/performance.md). A thread that
+    ends takes its pool with it, which leaves the engine threads the only ones holding one."""
     outcome = {}
 
     def call():

@@ -240,9 +240,7 @@ def test_swap_storm(hf_tiny, tiny, tmp_path):
 
 APART_CHECK = """
 import os, torch
-from lut_store import LUTStore
 from server.engine import apart
-from server.service import Service
 torch.set_num_threads(2)
 
 def threads():
