@@ -39,7 +39,7 @@ import torch
 log = logging.getLogger("cpu_kernels")  # also when run as __main__
 TILE, BLOCK = 64, 32  # as in cpu_kernels.cpp: output columns per tile, inputs per activation scale
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
-FUNCTIONS = ["mm_int8", "mm_f32", "attend", "decode_layers", "fast_path"]
+FUNCTIONS = ["mm_int8", "mm_f32", "attend", "decode_layers", "fast_path", "sample"]
 CFLAGS, LDFLAGS = ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]
 # how long to wait for a build another process is running (one takes ~30 s here) before giving up
 BUILD_TIMEOUT = float(os.environ.get("CPU_KERNELS_BUILD_TIMEOUT", "600"))
@@ -230,6 +230,12 @@ def attend(q, k, v, lengths):
 def linear_f32(x, w, bias):
     """x (M, in) @ w (in, out) + bias for a few rows (fast_f32() must hold)."""
     return ops().mm_f32(x.contiguous(), w, bias)
+
+
+def sample(logits, temperature, u):
+    """The token id drawn from softmax(logits / temperature) at the uniform number u, by inverse
+    CDF, as generate.sample_row draws it; logits (V,) fp32 on the CPU."""
+    return ops().sample(logits.contiguous(), temperature, u)
 
 
 ABSENT = torch.empty(0)  # a tensor decode_layers' parameter list does not have (a bias, an fp32 scale)

@@ -118,12 +118,29 @@ def test_logprobs_are_the_models_own_distribution(tiny):
     (dict(temperature=1.0, top_p=0.8), [0.7311, 0.2689, 0.0, 0.0]),  # mass before token 2 is 0.88
     (dict(temperature=2.0, top_k=2, top_p=0.5), [1.0, 0.0, 0.0, 0.0]),
 ])
-def test_sampling_draws_follow_the_filtered_distribution(settings, expected):
+@pytest.mark.parametrize("grad", [True, False], ids=["torch", "kernel-where-built"])
+def test_sampling_draws_follow_the_filtered_distribution(settings, expected, grad):
+    """Decoding runs without autograd, where plain sampling on the CPU takes cpu_kernels.sample;
+    with autograd on, torch's ops: both must draw from the same distribution."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
     generator = torch.Generator().manual_seed(0)
     params = SamplingParams(**settings)
-    counts = torch.bincount(torch.tensor([sample_row(logits, params, generator) for _ in range(4000)]), minlength=4)
+    with torch.set_grad_enabled(grad):
+        draws = [sample_row(logits, params, generator) for _ in range(4000)]
+    counts = torch.bincount(torch.tensor(draws), minlength=4)
     assert torch.allclose(counts / 4000, torch.tensor(expected), atol=0.03)
+
+
+def test_a_seeded_sample_is_the_same_token_from_the_kernel_and_from_torch():
+    """Both paths invert the CDF at the generator's one uniform number: same seed, same tokens."""
+    logits = torch.randn(64, 50257, generator=torch.Generator().manual_seed(3)) * 2
+    params = SamplingParams(temperature=0.8)
+    drawn = {}
+    for grad in (True, False):
+        generator = torch.Generator().manual_seed(7)
+        with torch.set_grad_enabled(grad):
+            drawn[grad] = [sample_row(row, params, generator) for row in logits]
+    assert drawn[True] == drawn[False]
 
 def feed(tok, text, params):
     seq = Sequence([1], params, tok)

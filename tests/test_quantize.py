@@ -69,6 +69,29 @@ def test_decode_attention_reads_each_row_up_to_its_length_only(hs):
             assert torch.equal(y3[:, :, j:j + 1], cpu_kernels.attend(q3[:, :, j:j + 1].contiguous(), k, v, start + j))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.05, 1.7])
+def test_sampling_kernel_draws_the_token_whose_cdf_step_holds_u(temperature):
+    """cpu_kernels.sample at u must give the token softmax(logits / T).cumsum() places u in,
+    computed here in float64; a masked (-inf) token is never drawn."""
+    generator = torch.Generator().manual_seed(1)
+    misses = []
+    for i in range(300):
+        logits = torch.randn(50257, generator=generator) * (1 + i % 5)
+        logits[i] = -float("inf")
+        u = float(torch.rand(1, generator=generator))
+        cdf = (logits.double() / temperature).softmax(-1).cumsum(-1)
+        want = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True))
+        got = cpu_kernels.sample(logits, temperature, u)
+        near_a_step = abs(float(cdf[min(want, 50256)]) - u) < 1e-6  # float32 exp may round it either side
+        if got != want and not near_a_step:
+            misses.append((i, got, want))
+    assert not misses
+    logits = torch.full((300,), -float("inf"))
+    logits[[3, 250]] = torch.tensor([0.0, -1.0])
+    draws = [cpu_kernels.sample(logits, 1.0, k / 1000) for k in range(1000)]
+    assert set(draws) == {3, 250} and abs(draws.count(3) / 1000 - 0.7311) < 0.002
+
+
 @pytest.mark.parametrize("quantize,bias", [(None, True), ("int8", True), (None, False)])
 def test_one_call_decode_is_the_blocks_op_for_op(quantize, bias):
     """cpu_kernels.decode_layers runs Block.forward's ops from C++ (its own LayerNorm and GELU): the logits
