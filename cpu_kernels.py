@@ -216,6 +216,13 @@ def pack_int8(w):
     return packed, scale
 
 
+def unpack_columns(packed, scale, ids, n_in):
+    """Columns ids (any shape) of the weight packed by pack_int8, dequantized: (*ids.shape, n_in)
+    fp32. An int8 model's token embeddings are its tied output projection's columns."""
+    cols = packed[ids // TILE, :, ids % TILE].flatten(-2)[..., :n_in]  # (*ids.shape, Kp)
+    return cols.float() * scale[ids].unsqueeze(-1)
+
+
 def linear_int8(x, packed, scale, bias, n_out):
     """x (M, in) fp32 -> (M, n_out) = x @ W + bias with W as packed by pack_int8."""
     return ops().mm_int8(x.contiguous(), packed, scale, bias, n_out)

@@ -5,6 +5,7 @@ leave (finish) between any two tokens, which is what the server's continuous bat
 sample.py and the tests use the same code through generate().
 """
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -274,6 +275,9 @@ def sample_row(logits, params, generator):
 
 DRAFT_TOKENS = 8  # drafts verified per forward pass in speculative decoding (0 = off)
 PREFILL_CHUNK = 48  # prompt tokens prefilled per step while other rows decode (0 = whole prompts at once)
+# ... and fewer where the measured prefill rate (CPU) says those would take longer than this: what
+# a 48-token piece costs depends on the machine and on int8 or fp32 (~70 ms and ~110 ms on AVX-512)
+PREFILL_PIECE_SECONDS = 0.075
 
 
 def draft_tokens(seq, k):
@@ -304,12 +308,16 @@ class Batcher:
     first may be part-way). A finished decoding row takes the last decoding one, so a decode step
     is one dense pass. A greedy sequence decoding alone verifies drafts (draft_tokens()) in one
     pass. prefill_chunk: while rows decode, a step prefills at most this many prompt tokens beside
-    them, so a long prompt does not stop them for its whole prefill (0 = whole prompts at once)."""
+    them, so a long prompt does not stop them for its whole prefill (0 = whole prompts at once);
+    on the CPU, also no more than piece_seconds' worth at the rate the last such steps measured."""
 
-    def __init__(self, model, max_batch=8, draft_tokens=DRAFT_TOKENS, prefill_chunk=PREFILL_CHUNK):
+    def __init__(self, model, max_batch=8, draft_tokens=DRAFT_TOKENS, prefill_chunk=PREFILL_CHUNK,
+                 piece_seconds=PREFILL_PIECE_SECONDS):
         self.model = model
         self.draft_tokens = draft_tokens
         self.prefill_chunk = prefill_chunk
+        self.piece_seconds = piece_seconds
+        self.token_seconds = None  # prefill time per prompt token beside decoding rows (moving average)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.max_batch = max_batch
@@ -373,8 +381,8 @@ class Batcher:
         """Prefill the waiting rows (past self.decoding) in order; returns the sequences whose
         prompts completed (their first token sampled). While rows decode with prefill_chunk set, at
         most prefill_chunk tokens (padding counted): longer prompts go in pieces, shorter whole."""
-        budget = self.prefill_chunk if self.prefill_chunk and self.decoding else None  # None: no limit
-        started = []
+        budget = self._piece_budget() if self.prefill_chunk and self.decoding else None  # None: no limit
+        full, started = budget, []
         while self.decoding < len(self.seqs) and (budget is None or budget > 0):
             d = self.decoding
             if self.seqs[d].done:  # cancelled while it waited
@@ -390,14 +398,30 @@ class Batcher:
                     k, T = k + 1, longest
                 started += self._prefill_whole(d, k, T)
                 used = k * T
-            elif self.lengths[d] == 0 and n <= self.prefill_chunk:
+            elif self.lengths[d] == 0 and n <= full:
                 break  # a short prompt waits for the next call rather than being split
             else:
                 used = n - self.lengths[d] if budget is None else min(budget, n - self.lengths[d])
+                t0 = time.perf_counter()
                 started += self._prefill_piece(d, used)
+                if used == full:  # a whole step's piece: what the next ones will be sized by
+                    self._measure(time.perf_counter() - t0, used)
             if budget is not None:
                 budget -= used
         return started
+
+    def _piece_budget(self):
+        """Prompt tokens a step may prefill beside decoding rows: prefill_chunk, or fewer where the
+        pieces measured so far say they would take longer than piece_seconds. Only the CPU's
+        times are the work's (on a GPU they would be the launches'); only whole-step pieces are
+        timed, as a pass costs more per token the fewer tokens it has."""
+        if self.token_seconds is None or self.device.type != "cpu":
+            return self.prefill_chunk
+        return max(1, min(self.prefill_chunk, int(self.piece_seconds / self.token_seconds)))
+
+    def _measure(self, seconds, tokens):
+        rate = seconds / tokens
+        self.token_seconds = rate if self.token_seconds is None else (self.token_seconds + rate) / 2
 
     def _prefill_whole(self, d, k, T):
         """Prefill the prompts of rows d..d+k-1 (none begun; the longest T tokens) in one pass."""

@@ -278,7 +278,10 @@ class GPT(nn.Module):
             start = pos or 0
             positions = torch.arange(start, start + T, dtype=torch.long, device=device)[None, :]  # (1, T)
             lengths = torch.full((B,), start + 1, dtype=torch.long, device=device)
-        tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
+        if self.quantized == "int8":  # the packed head's rows: the fp32 table is never read (memory)
+            tok_emb = cpu_kernels.unpack_columns(*self._head_int8, idx, self.config.n_embd)  # (B, T, n_embd)
+        else:
+            tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
         pos_emb = self.transformer.wpe(positions)  # (B or 1, T, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
         if cache is not None and self._one_call_decode(x):
@@ -347,9 +350,11 @@ class GPT(nn.Module):
 
     def quantize_int8(self, release=lambda weight: None):
         """int8 weights (one scale per output column, cpu_kernels.py) for every Conv1D of the blocks and
-        for the tied output projection; embeddings, LayerNorms and biases stay fp32. CPU inference
-        only. release(w) gets each fp32 weight once it is packed (a mapped file gives back its
-        pages). The fingerprint stays the fp32 one: LUTs taught on either model serve both."""
+        for the tied output projection, whose columns then serve as the token embeddings too: the
+        fp32 table is read only to teach a LUT, so it stays off the resident set. Position
+        embeddings, LayerNorms and biases stay fp32. CPU inference only. release(w) gets each fp32
+        weight once it is packed (a mapped file gives back its pages). The fingerprint stays the
+        fp32 one: LUTs taught on either model serve both."""
         if self.transformer.wte.weight.device.type != "cpu" or self.transformer.wte.weight.dtype != torch.float32:
             raise ModelLoadError(INT8_CPU_ONLY)
         if cpu_kernels.ops() is None:
@@ -362,7 +367,7 @@ class GPT(nn.Module):
                 release(layer.quantize_int8())
         wte = self.transformer.wte.weight
         self._head_int8 = cpu_kernels.pack_int8(wte.detach().t())
-        release(wte)  # its rows are read back one by one, as embeddings
+        release(wte)  # embeddings come from the packed copy too (forward); only teaching reads it
         self.quantized = "int8"
         self._decode_param_list = None
         return self

@@ -138,6 +138,31 @@ def test_engine_serves_a_long_prompt_beside_running_requests(tiny, chunk):
     assert results[0] == alone(model, tok, tok.encode("Once upon a time"), 30)
 
 
+def test_pieces_are_cut_to_what_the_measured_rate_fits_in_a_step(tiny):
+    """prefill_chunk bounds a piece in tokens; piece_seconds bounds it in time at the rate whole
+    pieces were measured at. With a budget no rate can meet, every piece after the first (nothing
+    measured yet) is one token, and a prompt shorter than prefill_chunk goes in pieces too
+    rather than waiting for a step with room for it whole."""
+    model, tok = tiny
+    b = Batcher(model, max_batch=4, draft_tokens=0, prefill_chunk=16, piece_seconds=1e-9)
+    first = Sequence(tok.encode(RUNNER), greedy(100), tok)
+    b.admit([first])
+    b.step()
+    ids = tok.encode(LONG)
+    for prompt in (ids, ids[:6]):
+        late = Sequence(prompt, greedy(10), tok)
+        b.admit([late])
+        row, pieces = b.seqs.index(late), []
+        while not late.out_ids and len(pieces) < 100:  # a prompt left waiting fails, not hangs
+            cached = b.lengths[row]
+            assert first in b.step()
+            pieces.append(b.lengths[row] - cached)
+        assert pieces == ([16] if prompt is ids else []) + [1] * (len(prompt) - (16 if prompt is ids else 0))
+        while not late.done:
+            b.step()
+        assert late.out_ids == alone(model, tok, prompt, 10)
+
+
 def test_prefill_chunk_is_a_setting():
     from generate import PREFILL_CHUNK
     from server.config import ServerConfig

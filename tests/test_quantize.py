@@ -144,6 +144,23 @@ def test_int8_model_follows_the_fp32_model(tiny):
     assert [s.out_ids for s in together] == [s.out_ids for s in alone]
 
 
+def test_an_int8_model_embeds_tokens_from_its_packed_head_alone():
+    """The token embeddings of an int8 model are the packed output projection's columns,
+    dequantized: the fp32 table (154 MB at 124M, and resident once read) is not read to decode."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=96, block_size=64, vocab_size=300)).eval().quantize_int8()
+    ids = torch.randint(0, 300, (3, 7))
+    packed, scale = model._head_int8
+    wte = model.transformer.wte.weight
+    dequantized = torch.round(wte / scale[:, None]).clamp(-127, 127) * scale[:, None]  # pack_int8's rounding per row
+    torch.testing.assert_close(cpu_kernels.unpack_columns(packed, scale, ids, 96), dequantized[ids])
+    with torch.no_grad():
+        before, _ = model(ids)
+        wte.fill_(float("nan"))  # anything that still read the fp32 table would now give NaN
+        after, _ = model(ids)
+    assert torch.equal(before, after)
+
+
 def test_a_lut_taught_on_fp32_recalls_on_int8_and_back(tiny, tmp_path):
     from lut_store import LUTStore
     model, tok = tiny
