@@ -277,7 +277,7 @@ DRAFT_TOKENS = 8  # drafts verified per forward pass in speculative decoding (0 
 PREFILL_CHUNK = 48  # prompt tokens prefilled per step while other rows decode (0 = whole prompts at once)
 # ... and fewer where the measured prefill rate (CPU) says those would take longer than this: what
 # a 48-token piece costs depends on the machine and on int8 or fp32 (~70 ms and ~110 ms on AVX-512)
-PREFILL_PIECE_SECONDS = 0.075
+PREFILL_PIECE_SECONDS = 0.06
 
 
 def draft_tokens(seq, k):
