@@ -526,7 +526,7 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> params, 
 
 // sample: the token drawn from softmax(logits / temperature) at u in [0, 1) by inverse CDF. One
 // exp per logit with a float sum per span of 1024, then a scan of the span the draw falls in;
-// torch takes a divide, a softmax and a cumsum, a pass over all 50,257 logits each (~0.3 ms a token).
+// torch takes a divide, a softmax and a cumsum, a pass over all 50,257 logits each (~80 us a token, docs/performance.md).
 int64_t sample(torch::Tensor logits, double temperature, double u) {
   TORCH_CHECK(logits.dim() == 1 && logits.scalar_type() == torch::kFloat && logits.is_contiguous() && logits.numel() > 0,
               "sample: logits must be a non-empty contiguous 1-d float tensor");
