@@ -479,24 +479,23 @@ static void block_linear(const float* x, int64_t M, int64_t K, const torch::Tens
 #endif
 }
 
-// One decode step (a new token per row) through every block; x (B, C) is the embedded input.
-// params: 16 tensors per layer: ln_1 weight, bias; c_attn; attn.c_proj; ln_2 weight, bias; c_fc;
-// mlp.c_proj, each linear as weight (fp32 (in, out), or int8 packed), scale (int8 only, else
+// The residual stream xs (B, C) of one decode step (a new token per row) through every block, in
+// place. params: 16 tensors per layer: ln_1 weight, bias; c_attn; attn.c_proj; ln_2 weight, bias;
+// c_fc; mlp.c_proj, each linear as weight (fp32 (in, out), or int8 packed), scale (int8 only, else
 // empty), bias (empty when none); an empty LayerNorm weight or bias means none. k[l], v[l]: the
 // layer's cache (B, nh, T_cap, hs); row b's new key and value go to position pos[b], and its query
 // sees positions 0..pos[b]. The ops of Block.forward, with the same matmul kernels; LayerNorm and
 // GELU are written here, so results agree with it to float rounding, not bit for bit.
-torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> params, std::vector<torch::Tensor> k,
-                            std::vector<torch::Tensor> v, torch::Tensor pos, int64_t n_head, double eps) {
-  const int64_t B = x.size(0), C = x.size(1), hs = C / n_head, L = k.size();
+static void run_layers(float* xs, int64_t B, int64_t C, const std::vector<torch::Tensor>& params,
+                       const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v, const torch::Tensor& pos,
+                       int64_t n_head, double eps) {
+  const int64_t hs = C / n_head, L = k.size();
   TORCH_CHECK(params.size() == 16 * (size_t)L && v.size() == (size_t)L && pos.numel() == B &&
-              pos.scalar_type() == torch::kLong && x.scalar_type() == torch::kFloat, "decode_layers: bad arguments");
+              pos.scalar_type() == torch::kLong && pos.is_contiguous(), "decode_layers: bad arguments");
   const int64_t* pp = pos.data_ptr<int64_t>();
   std::vector<int64_t> lengths(pp, pp + B);
   for (auto& n : lengths) ++n;
-  auto out = x.contiguous().clone();  // the residual stream, updated in place layer by layer
-  auto scratch = torch::empty({B, 10 * C}, x.options());
-  float* xs = out.data_ptr<float>();
+  auto scratch = torch::empty({B, 10 * C}, torch::kFloat);
   float* h = scratch.data_ptr<float>();  // LayerNorm output (B, C)
   float* qkv = h + B * C;                // (B, 3C)
   float* att = qkv + B * 3 * C;          // attention output (B, C)
@@ -520,6 +519,88 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> params, 
     layer_norm_rows(xs, B, C, data_or_null(p[8]), data_or_null(p[9]), (float)eps, h);
     block_linear(h, B, C, p[10], p[11], p[12], fc, gelu);
     block_linear(fc, B, 4 * C, p[13], p[14], p[15], proj, add);  // x += mlp
+  }
+}
+
+// x (B, C) embedded inputs -> the residual stream after the last block (run_layers).
+torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> params, std::vector<torch::Tensor> k,
+                            std::vector<torch::Tensor> v, torch::Tensor pos, int64_t n_head, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "decode_layers: x must be (B, C) fp32");
+  auto out = x.contiguous().clone();  // the residual stream, updated in place layer by layer
+  run_layers(out.data_ptr<float>(), x.size(0), x.size(1), params, k, v, pos, n_head, eps);
+  return out;
+}
+
+// A whole decode step of an inference model, token ids to logits, in one call (the Python ops
+// around decode_layers cost ~0.5 ms a token, 15% of an int8 124M step): the token embedding
+// (wte (V, C) fp32; or, int8, the packed head's columns, as cpu_kernels.unpack_columns reads them)
+// plus the position's, every block (run_layers), ln_f, and the output projection: head is (C, V)
+// fp32 or the int8 packed (tiles, Kp/2, TILE, 2) with head_scale (V,). ids, pos: (B,) long.
+// Returns the logits (B, V).
+torch::Tensor decode_step(torch::Tensor ids, torch::Tensor pos, torch::Tensor wte, torch::Tensor wpe,
+                          std::vector<torch::Tensor> params, std::vector<torch::Tensor> k, std::vector<torch::Tensor> v,
+                          torch::Tensor ln_w, torch::Tensor ln_b, torch::Tensor head, torch::Tensor head_scale,
+                          int64_t n_head, double eps) {
+  const bool int8 = head.scalar_type() == torch::kChar;
+  const int64_t B = ids.numel(), C = wpe.size(1), V = int8 ? head_scale.numel() : head.size(1);
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.is_contiguous() && pos.numel() == B &&
+              wpe.is_contiguous() && head.is_contiguous() && (int8 ? head.dim() == 4 : head.size(0) == C) &&
+              (int8 || (wte.is_contiguous() && wte.size(1) == C)), "decode_step: bad arguments");
+  TORCH_CHECK(int8 || FAST_PATH, "decode_step: fp32 needs AVX-512");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  auto x = torch::empty({B, C}, torch::kFloat);
+  float* xs = x.data_ptr<float>();
+  const float* pe = wpe.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= id[b] && id[b] < V && 0 <= pp[b] && pp[b] < wpe.size(0), "decode_step: id or position out of range");
+    float* xb = xs + b * C;
+    const float* pb = pe + pp[b] * C;
+    if (int8) {  // column id of the packed head: inputs 2 kp and 2 kp + 1 sit side by side in its tile
+      const int8_t* col = head.data_ptr<int8_t>() + (id[b] / TILE) * head.size(1) * TILE * 2 + (id[b] % TILE) * 2;
+      const float s = head_scale.data_ptr<float>()[id[b]];
+      for (int64_t c = 0; c < C; ++c) xb[c] = (float)col[(c / 2) * TILE * 2 + c % 2] * s + pb[c];
+    } else {
+      const float* row = wte.data_ptr<float>() + id[b] * C;
+      for (int64_t c = 0; c < C; ++c) xb[c] = row[c] + pb[c];
+    }
+  }
+  run_layers(xs, B, C, params, k, v, pos, n_head, eps);
+  auto h = torch::empty({B, C}, torch::kFloat);
+  layer_norm_rows(xs, B, C, data_or_null(ln_w), data_or_null(ln_b), (float)eps, h.data_ptr<float>());
+  auto logits = torch::empty({B, V}, torch::kFloat);
+  if (int8) {
+    int8_linear(h.data_ptr<float>(), B, C, head.data_ptr<int8_t>(), head.size(0), head.size(1) * 2,
+                head_scale.data_ptr<float>(), nullptr, V, logits.data_ptr<float>(), Epilogue{});
+  } else {
+#if FAST_PATH
+    f32_linear(h.data_ptr<float>(), B, C, head.data_ptr<float>(), V, nullptr, logits.data_ptr<float>(), Epilogue{});
+#endif
+  }
+  return logits;
+}
+
+// The index of each row's largest value, the first where several tie (torch's argmax): (B, V)
+// fp32 -> (B,) long, for rows without NaN. One vectorised pass; torch's max(dim) takes ~30-100 us
+// for a row of 50,257.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.stride(1) == 1 && x.size(1) > 0,
+              "argmax_rows: (B, V) fp32 rows");
+  const int64_t B = x.size(0), n = x.size(1);
+  auto out = torch::empty({B}, torch::kLong);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* r = x.data_ptr<float>() + b * x.stride(0);
+    float m = -INFINITY;
+    int64_t i = 0;
+#if FAST_PATH
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(r + i));
+    m = _mm512_reduce_max_ps(vmax);
+#endif
+    for (; i < n; ++i) m = std::max(m, r[i]);
+    int64_t at = 0;
+    while (at < n - 1 && !(r[at] == m)) ++at;  // the first that holds the maximum
+    out.data_ptr<int64_t>()[b] = at;
   }
   return out;
 }

@@ -39,7 +39,7 @@ import torch
 log = logging.getLogger("cpu_kernels")  # also when run as __main__
 TILE, BLOCK = 64, 32  # as in cpu_kernels.cpp: output columns per tile, inputs per activation scale
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
-FUNCTIONS = ["mm_int8", "mm_f32", "attend", "decode_layers", "fast_path", "sample"]
+FUNCTIONS = ["mm_int8", "mm_f32", "attend", "decode_layers", "decode_step", "argmax_rows", "fast_path", "sample"]
 CFLAGS, LDFLAGS = ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]
 # how long to wait for a build another process is running (one takes ~30 s here) before giving up
 BUILD_TIMEOUT = float(os.environ.get("CPU_KERNELS_BUILD_TIMEOUT", "600"))
@@ -262,6 +262,21 @@ def decode_layers(x, params, cache, positions, config):
                               [k for k, _ in cache], [v for _, v in cache], positions.reshape(B * T).contiguous(),
                               config.n_head, config.layer_norm_epsilon)
     return out.view(B, T, C)
+
+
+def decode_step(ids, positions, wte, wpe, params, cache, ln_f, head, head_scale, config):
+    """A decode step of an inference model in one call: ids, positions (B,) -> logits (B, V), as
+    the blocks (decode_layers), ln_f and the output projection give them. wte (V, C) fp32 and head
+    (C, V) fp32; or, int8, wte unused (ABSENT) and head, head_scale the packed output projection,
+    whose columns are the token embeddings."""
+    return ops().decode_step(ids, positions, wte, wpe, params, [k for k, _ in cache], [v for _, v in cache],
+                             ln_f.weight, ABSENT if ln_f.bias is None else ln_f.bias, head, head_scale,
+                             config.n_head, config.layer_norm_epsilon)
+
+
+def argmax_rows(x):
+    """(B, V) fp32 logits -> (B,) long: each row's first largest value (torch's argmax), in one pass."""
+    return ops().argmax_rows(x)
 
 
 def main(argv=None):

@@ -278,13 +278,15 @@ class GPT(nn.Module):
             start = pos or 0
             positions = torch.arange(start, start + T, dtype=torch.long, device=device)[None, :]  # (1, T)
             lengths = torch.full((B,), start + 1, dtype=torch.long, device=device)
+        if cache is not None and T == 1 and lut is None and logits_at is None and self._one_call_decode(B, T):
+            return self._decode_step(idx, cache, positions), None  # the usual decode step, in one call
         if self.quantized == "int8":  # the packed head's rows: the fp32 table is never read (memory)
             tok_emb = cpu_kernels.unpack_columns(*self._head_int8, idx, self.config.n_embd)  # (B, T, n_embd)
         else:
             tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
         pos_emb = self.transformer.wpe(positions)  # (B or 1, T, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
-        if cache is not None and self._one_call_decode(x):
+        if cache is not None and self._one_call_decode(B, T):
             x = cpu_kernels.decode_layers(x, self._decode_params(), cache, positions, self.config)
         else:
             for layer, block in enumerate(self.transformer.h):
@@ -299,16 +301,28 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _one_call_decode(self, x):
-        """Whether a cached pass runs its blocks in one call to cpu_kernels.py (the same ops as
-        Block.forward): CPU inference of a decode step (a token per row), or of a few tokens of one
-        sequence (drafts to verify, a short prompt); fp32 with the AVX-512 kernel for up to
-        FEW_ROWS tokens, int8 for any number of decode rows. Drafts share it so that verifying them
-        costs what plain decoding does per weight read (they took the per-op path, 2 ms slower)."""
-        B, T, _ = x.shape
-        if self.training or not cpu_kernels.cpu_fp32(x) or (T > 1 and (B > 1 or T > FEW_ROWS)):
+    def _one_call_decode(self, B, T):
+        """Whether a cached pass of B rows of T tokens runs its blocks in one call to cpu_kernels.py
+        (the same ops as Block.forward): CPU fp32 inference of a decode step (a token per row), or of
+        a few tokens of one sequence (drafts to verify, a short prompt); fp32 with the AVX-512 kernel
+        for up to FEW_ROWS tokens, int8 for any number of decode rows. Drafts share it so that
+        verifying them costs what plain decoding does per weight read (they took the per-op path,
+        2 ms slower)."""
+        if self.training or not cpu_kernels.cpu_fp32(self.transformer.wpe.weight) or (T > 1 and (B > 1 or T > FEW_ROWS)):
             return False
         return self.quantized == "int8" or (B * T <= FEW_ROWS and cpu_kernels.fast_f32())
+
+    def _decode_step(self, idx, cache, positions):
+        """Logits (B, 1, V) of a decode step without a LUT firing, from cpu_kernels.decode_step: the
+        embeddings, the blocks, ln_f and the output projection in one call (the Python around
+        them cost ~0.5 ms a token, 15% of an int8 124M step: docs/performance.md)."""
+        if self.quantized == "int8":
+            wte, (head, scale) = cpu_kernels.ABSENT, self._head_int8
+        else:
+            wte, head, scale = self.transformer.wte.weight, self._head_transposed(), cpu_kernels.ABSENT
+        return cpu_kernels.decode_step(idx.reshape(-1).contiguous(), positions.reshape(-1).contiguous(), wte,
+                                       self.transformer.wpe.weight, self._decode_params(), cache,
+                                       self.transformer.ln_f, head, scale, self.config).unsqueeze(1)
 
     def _decode_params(self):
         """Every block's weights in the order cpu_kernels.decode_layers reads them. Kept between steps
@@ -335,16 +349,22 @@ class GPT(nn.Module):
                 *x.shape[:-1], w.size(0))
         if torch.is_grad_enabled() or x.device.type != "cpu":
             return self.lm_head(x)
-        # Inference on CPU: a contiguous (n_embd, vocab) copy, in huge pages, makes this, the largest
-        # matmul of a decode step, up to 2x faster. Rebuilt whenever the weight changes (its version counter).
-        key = (w.data_ptr(), w._version, w.dtype)
-        if getattr(self, "_head_key", None) != key:
-            self._head_t, self._head_key = empty_huge(w.shape[::-1], w.dtype).copy_(w.detach().t()), key
+        head_t = self._head_transposed()
         rows = x.reshape(-1, x.size(-1))
         if rows.size(0) <= FEW_ROWS and cpu_kernels.cpu_fp32(x) and cpu_kernels.fast_f32():
             # decode steps: cpu_kernels.py's matmul reads the 154 MB (at 124M) ~1.8x faster than addmm
-            return cpu_kernels.linear_f32(rows, self._head_t, None).view(*x.shape[:-1], w.size(0))
-        return x @ self._head_t
+            return cpu_kernels.linear_f32(rows, head_t, None).view(*x.shape[:-1], w.size(0))
+        return x @ head_t
+
+    def _head_transposed(self):
+        """The output projection as a contiguous (n_embd, vocab) copy in huge pages, for CPU inference:
+        it makes this, the largest matmul of a decode step, up to 2x faster. Rebuilt whenever the
+        weight changes (its version counter)."""
+        w = self.lm_head.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_head_key", None) != key:
+            self._head_t, self._head_key = empty_huge(w.shape[::-1], w.dtype).copy_(w.detach().t()), key
+        return self._head_t
 
     # ------------------------------------------------------------------ loading and saving
 

@@ -92,6 +92,19 @@ def test_sampling_kernel_draws_the_token_whose_cdf_step_holds_u(temperature):
     assert set(draws) == {3, 250} and abs(draws.count(3) / 1000 - 0.7311) < 0.002
 
 
+def test_argmax_kernel_is_torch_argmax_ties_included():
+    """cpu_kernels.argmax_rows gives torch.argmax's index per row: the first of tied maxima, in rows
+    of any length (the vector body and its scalar tail) and in a strided view of a batch's logits."""
+    generator = torch.Generator().manual_seed(2)
+    for n in (1, 15, 16, 17, 50257):
+        x = torch.randint(-3, 4, (5, n), generator=generator).float()  # many ties
+        x[1, n // 2:] = 9.0  # the first of a run of equal maxima, wherever the run starts
+        x[2] = -float("inf")
+        assert torch.equal(cpu_kernels.argmax_rows(x), x.argmax(-1))
+    logits = torch.randn(4, 1, 50257, generator=generator)
+    assert torch.equal(cpu_kernels.argmax_rows(logits[:, -1]), logits[:, -1].argmax(-1))
+
+
 @pytest.mark.parametrize("quantize,bias", [(None, True), ("int8", True), (None, False)])
 def test_one_call_decode_is_the_blocks_op_for_op(quantize, bias):
     """cpu_kernels.decode_layers runs Block.forward's ops from C++ (its own LayerNorm and GELU): the logits
@@ -107,7 +120,7 @@ def test_one_call_decode_is_the_blocks_op_for_op(quantize, bias):
         model.quantize_int8()
     runs = []
     for one_call in (True, False):
-        model._one_call_decode = lambda x, on=one_call: on and GPT._one_call_decode(model, x)
+        model._one_call_decode = lambda B, T, on=one_call: on and GPT._one_call_decode(model, B, T)
         g = torch.Generator().manual_seed(1)
         with torch.inference_mode():
             cache = KVCache(model.config, 3, "cpu", torch.float32)
@@ -119,7 +132,7 @@ def test_one_call_decode_is_the_blocks_op_for_op(quantize, bias):
             runs.append(torch.cat([steps.flatten(0, 2), drafts.flatten(0, 1)]))
     del model._one_call_decode
     with torch.inference_mode():  # the paths under test are the ones taken: decode steps and drafts
-        assert model._one_call_decode(torch.zeros(3, 1, 128)) and model._one_call_decode(torch.zeros(1, 4, 128))
+        assert model._one_call_decode(3, 1) and model._one_call_decode(1, 4)
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)  # int8: int16 rounding of activations
     assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
 
