@@ -305,9 +305,20 @@ static void f32_row(const float* x, int64_t K, const float* w, int64_t N, const 
   });
 }
 
-// y (M, N) = x @ w + b, then ep; w (K, N) fp32 as stored. Rows 8 at a time over 48-column tiles,
-// then the rest: a single row by f32_row, or 4, 2 and 1 rows over 64-column tiles. The threads
-// split the tiles (columns; f32_row splits K), so each weight is read by one thread, once.
+// Rows m..M-1 (fewer than 8) of one column tile of V vectors: 4, 2 and 1 rows at a time.
+template <int V, bool MASKED>
+static void f32_rest(const float* x, int64_t m, int64_t M, int64_t K, const float* w, int64_t N, const float* b,
+                     float* y, int64_t cols) {
+  for (; m + 4 <= M; m += 4) f32_tile<4, V, MASKED>(x + m * K, K, w, N, b, y + m * N, cols);
+  for (; m + 2 <= M; m += 2) f32_tile<2, V, MASKED>(x + m * K, K, w, N, b, y + m * N, cols);
+  for (; m < M; ++m) f32_tile<1, V, MASKED>(x + m * K, K, w, N, b, y + m * N, cols);
+}
+
+// y (M, N) = x @ w + b, then ep; w (K, N) fp32 as stored. Eight rows or more: rows 8 at a time over
+// 48-column tiles, the last few on each tile while it is in L2, so w is read from memory once (a
+// 9-token prompt read it twice, 8 rows and then 1, ~2x the time). A single row: f32_row. Else 4, 2
+// and 1 rows over 64-column tiles. The threads split the tiles (columns; f32_row splits K), so
+// each weight is read by one thread, once.
 static void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
                        const Epilogue& ep) {
   const int64_t M8 = M / 8 * 8;
@@ -315,27 +326,23 @@ static void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int
     at::parallel_for(0, (N + TILE8 - 1) / TILE8, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t n = t0 * TILE8; n < std::min(N, t1 * TILE8); n += TILE8) {
         const int64_t cols = std::min<int64_t>(TILE8, N - n);
-        const auto tile = cols == TILE8 ? f32_tile<8, TILE8 / 16, false> : f32_tile<8, TILE8 / 16, true>;
-        for (int64_t m = 0; m < M8; m += 8) tile(x + m * K, K, w + n, N, b ? b + n : nullptr, y + m * N + n, cols);
-        ep(y, N, 0, M8, n, n + cols);
+        const bool whole = cols == TILE8;
+        const float* bn = b ? b + n : nullptr;
+        const auto tile = whole ? f32_tile<8, TILE8 / 16, false> : f32_tile<8, TILE8 / 16, true>;
+        for (int64_t m = 0; m < M8; m += 8) tile(x + m * K, K, w + n, N, bn, y + m * N + n, cols);
+        (whole ? f32_rest<TILE8 / 16, false> : f32_rest<TILE8 / 16, true>)(x, M8, M, K, w + n, N, bn, y + n, cols);
+        ep(y, N, 0, M, n, n + cols);
       }
     });
-  }
-  if (M - M8 == 1) {
-    f32_row(x + M8 * K, K, w, N, b, y + M8 * N, [&](int64_t n0, int64_t n1) { ep(y, N, M8, M, n0, n1); });
-  } else if (M - M8 > 1) {
+  } else if (M == 1) {
+    f32_row(x, K, w, N, b, y, [&](int64_t n0, int64_t n1) { ep(y, N, 0, 1, n0, n1); });
+  } else {
     at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t n = t0 * TILE; n < std::min(N, t1 * TILE); n += TILE) {
         const int64_t cols = std::min<int64_t>(TILE, N - n);
-        const bool whole = cols == TILE;
-        auto rows_at = [&](auto tile, int64_t m) {
-          tile(x + m * K, K, w + n, N, b ? b + n : nullptr, y + m * N + n, cols);
-        };
-        int64_t m = M8;
-        for (; m + 4 <= M; m += 4) rows_at(whole ? f32_tile<4, TILE / 16, false> : f32_tile<4, TILE / 16, true>, m);
-        for (; m + 2 <= M; m += 2) rows_at(whole ? f32_tile<2, TILE / 16, false> : f32_tile<2, TILE / 16, true>, m);
-        for (; m < M; ++m) rows_at(whole ? f32_tile<1, TILE / 16, false> : f32_tile<1, TILE / 16, true>, m);
-        ep(y, N, M8, M, n, n + cols);
+        (cols == TILE ? f32_rest<TILE / 16, false> : f32_rest<TILE / 16, true>)(x, 0, M, K, w + n, N,
+                                                                              b ? b + n : nullptr, y + n, cols);
+        ep(y, N, 0, M, n, n + cols);
       }
     });
   }
@@ -666,4 +673,20 @@ int64_t sample(torch::Tensor logits, double temperature, double u) {
   for (int64_t i = n - 1; i >= 0; --i)  // only where the logits hold NaN: torch's path gives the last token too
     if (p[i] > 0.f) return i;
   return n - 1;
+}
+
+// Every kernel lets go of the GIL while it runs (its arguments are converted before, its result
+// after): CPython hands the GIL to a waiting thread only after a 5 ms switch interval, so while
+// the engine thread decoded, the server's request threads waited up to that long each time they
+// woke (a streamed token's write, a new request's parsing: ~8 ms more time to first token).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("mm_int8", &mm_int8, nogil);
+  m.def("mm_f32", &mm_f32, nogil);
+  m.def("attend", &attend, nogil);
+  m.def("decode_layers", &decode_layers, nogil);
+  m.def("decode_step", &decode_step, nogil);
+  m.def("argmax_rows", &argmax_rows, nogil);
+  m.def("sample", &sample, nogil);
+  m.def("fast_path", &fast_path);
 }

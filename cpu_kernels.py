@@ -39,7 +39,6 @@ import torch
 log = logging.getLogger("cpu_kernels")  # also when run as __main__
 TILE, BLOCK = 64, 32  # as in cpu_kernels.cpp: output columns per tile, inputs per activation scale
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
-FUNCTIONS = ["mm_int8", "mm_f32", "attend", "decode_layers", "decode_step", "argmax_rows", "fast_path", "sample"]
 CFLAGS, LDFLAGS = ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]
 # how long to wait for a build another process is running (one takes ~30 s here) before giving up
 BUILD_TIMEOUT = float(os.environ.get("CPU_KERNELS_BUILD_TIMEOUT", "600"))
@@ -154,7 +153,7 @@ def _build(name, source, folder):
     started = time.monotonic()
     try:
         # copies: load_inline appends to the flag lists it is given, which would change locate()'s name
-        module = load_inline(name, source, functions=FUNCTIONS, extra_cflags=list(CFLAGS),
+        module = load_inline(name, source, extra_cflags=list(CFLAGS),  # the source binds its functions
                              extra_ldflags=list(LDFLAGS), build_directory=work)
         os.replace(os.path.join(work, name + ".so"), os.path.join(folder, name + ".so"))
     except Exception as e:  # no compiler, no headers, a compile error: one line, the compiler's first error

@@ -92,6 +92,22 @@ def test_sampling_kernel_draws_the_token_whose_cdf_step_holds_u(temperature):
     assert set(draws) == {3, 250} and abs(draws.count(3) / 1000 - 0.7311) < 0.002
 
 
+@pytest.mark.parametrize("N", [200, 96, 48])
+def test_fp32_few_row_matmul_is_addmm_for_every_row_count(N):
+    """cpu_kernels.linear_f32 for 1 to 17 rows (the 8-row tiles, the rows after them on the same
+    tiles, the single-row K split, the 4/2/1-row tiles), columns past a whole tile, with and
+    without a bias, matches x @ w + b."""
+    if not cpu_kernels.fast_f32():
+        pytest.skip("the fp32 few-row kernel needs AVX-512")
+    generator = torch.Generator().manual_seed(3)
+    w = torch.randn(160, N, generator=generator)
+    b = torch.randn(N, generator=generator)
+    for M in range(1, 18):
+        x = torch.randn(M, 160, generator=generator)
+        torch.testing.assert_close(cpu_kernels.linear_f32(x, w, b), torch.addmm(b, x, w), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cpu_kernels.linear_f32(x, w, None), x @ w, rtol=1e-4, atol=1e-4)
+
+
 def test_argmax_kernel_is_torch_argmax_ties_included():
     """cpu_kernels.argmax_rows gives torch.argmax's index per row: the first of tied maxima, in rows
     of any length (the vector body and its scalar tail) and in a strided view of a batch's logits."""
