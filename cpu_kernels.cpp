@@ -8,6 +8,8 @@
 //            block in one call from Python (per-op dispatch from Python cost ~2 ms a token): the
 //            matmuls above, with GELU and the residual adds done on each output tile while it
 //            is in cache, LayerNorm by hand, and no allocation per layer.
+//   decode_step: a decode step from token ids to logits (embeddings, decode_layers, ln_f, head).
+//   argmax_rows, sample: the next token from the logits (greedy, or drawn).
 // Built by cpu_kernels.py with -march=native on the machine that runs it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

@@ -154,6 +154,31 @@ def test_one_call_decode_is_the_blocks_op_for_op(quantize, bias):
 
 
 
+
+def test_a_wide_fp32_batch_decodes_in_one_call_as_op_for_op():
+    """A decode step of more rows than FEW_ROWS takes the one-call path in fp32 too, with the
+    per-op path's logits (to float rounding) and greedy tokens."""
+    from model import FEW_ROWS, KVCache
+    if not cpu_kernels.fast_f32():
+        pytest.skip("fp32 decodes in one call only with the AVX-512 kernel")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, vocab_size=500)).eval()
+    B = FEW_ROWS + 4
+    runs = []
+    for one_call in (True, False):
+        model._one_call_decode = lambda B, T, on=one_call: on and GPT._one_call_decode(model, B, T)
+        g = torch.Generator().manual_seed(1)
+        with torch.inference_mode():
+            cache = KVCache(model.config, B, "cpu", torch.float32)
+            model(torch.randint(0, 500, (B, 5), generator=g), cache=cache.rows(0, B), pos=0)
+            runs.append(torch.cat([model(torch.randint(0, 500, (B, 1), generator=g), cache=cache.rows(0, B),
+                                         pos=5 + step)[0] for step in range(3)]))
+    del model._one_call_decode
+    with torch.inference_mode():  # the path under test is the one taken
+        assert model._one_call_decode(B, 1)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)
+    assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
+
 def test_int8_model_follows_the_fp32_model(tiny):
     model, tok = tiny
     q = load_model("gpt2", quantize="int8")
