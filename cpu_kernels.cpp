@@ -589,6 +589,19 @@ torch::Tensor decode_step(torch::Tensor ids, torch::Tensor pos, torch::Tensor wt
   return logits;
 }
 
+// The largest of x[0:n] (n >= 1), one vectorised pass.
+static float max_of(const float* x, int64_t n) {
+  float m = -INFINITY;
+  int64_t i = 0;
+#if FAST_PATH
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(x + i));
+  m = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
 // The index of each row's largest value, the first where several tie (torch's argmax): (B, V)
 // fp32 -> (B,) long, for rows without NaN. One vectorised pass; torch's max(dim) takes ~30-100 us
 // for a row of 50,257.
@@ -599,14 +612,7 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   auto out = torch::empty({B}, torch::kLong);
   for (int64_t b = 0; b < B; ++b) {
     const float* r = x.data_ptr<float>() + b * x.stride(0);
-    float m = -INFINITY;
-    int64_t i = 0;
-#if FAST_PATH
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(r + i));
-    m = _mm512_reduce_max_ps(vmax);
-#endif
-    for (; i < n; ++i) m = std::max(m, r[i]);
+    const float m = max_of(r, n);
     int64_t at = 0;
     while (at < n - 1 && !(r[at] == m)) ++at;  // the first that holds the maximum
     out.data_ptr<int64_t>()[b] = at;
@@ -623,14 +629,7 @@ int64_t sample(torch::Tensor logits, double temperature, double u) {
   constexpr int64_t SPAN = 1024;
   const float* x = logits.data_ptr<float>();
   const int64_t n = logits.numel(), spans = (n + SPAN - 1) / SPAN;
-  float m = -INFINITY;
-  int64_t i = 0;
-#if FAST_PATH
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(x + i));
-  m = _mm512_reduce_max_ps(vmax);
-#endif
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  const float m = max_of(x, n);
   const float a = (float)(1.0 / temperature);
   thread_local std::vector<float> p;  // reused: a fresh 200 kB buffer a token would be mmapped and faulted in
   thread_local std::vector<double> sums;
