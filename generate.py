@@ -231,7 +231,8 @@ def sample_next(logits, seqs, forced=None):
             ids, counts = torch.tensor(s.out_ids, device=device).unique(return_counts=True)
             logits[b, ids] -= s.params.frequency_penalty * counts + s.params.presence_penalty
     if any(s.params.greedy and forced[b] < 0 for b, s in enumerate(seqs)):
-        out = cpu_kernels.argmax_rows(logits) if cpu_kernels.cpu_fp32(logits) else logits.argmax(-1).cpu()  # ties: the first
+        # ties: the first, as torch's argmax
+        out = cpu_kernels.argmax_rows(logits) if cpu_kernels.cpu_fp32(logits) else logits.argmax(-1).cpu()
     else:  # only sampled rows: no argmax is needed
         out = torch.empty(len(seqs), dtype=torch.long)
     for b, s in enumerate(seqs):

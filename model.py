@@ -308,7 +308,9 @@ class GPT(nn.Module):
         needs the AVX-512 kernel. Drafts share it so that verifying them costs what plain decoding
         does per weight read (they took the per-op path, 2 ms slower); an fp32 batch of 32 decodes
         2.6x faster than through the per-op path (docs/performance.md)."""
-        if self.training or not cpu_kernels.cpu_fp32(self.transformer.wpe.weight) or (T > 1 and (B > 1 or T > FEW_ROWS)):
+        if self.training or not cpu_kernels.cpu_fp32(self.transformer.wpe.weight):
+            return False
+        if T > 1 and (B > 1 or T > FEW_ROWS):
             return False
         return self.quantized == "int8" or cpu_kernels.fast_f32()
 
