@@ -317,9 +317,8 @@ static void f32_rest(const float* x, int64_t m, int64_t M, int64_t K, const floa
 }
 
 // y (M, N) = x @ w + b, then ep; w (K, N) fp32 as stored. Eight rows or more: rows 8 at a time over
-// 48-column tiles, the last few on each tile while it is in L2, so w is read from memory once (a
-// 9-token prompt read it twice, 8 rows and then 1, ~2x the time). A single row: f32_row. Else 4, 2
-// and 1 rows over 64-column tiles. The threads split the tiles (columns; f32_row splits K), so
+// 48-column tiles, the last few on each tile while it is in L2, so w is read from memory once. A
+// single row: f32_row. Else 4, 2 and 1 rows over 64-column tiles. The threads split the tiles (columns; f32_row splits K), so
 // each weight is read by one thread, once.
 static void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
                        const Epilogue& ep) {
@@ -677,9 +676,9 @@ int64_t sample(torch::Tensor logits, double temperature, double u) {
 }
 
 // Every kernel lets go of the GIL while it runs (its arguments are converted before, its result
-// after): CPython hands the GIL to a waiting thread only after a 5 ms switch interval, so while
-// the engine thread decoded, the server's request threads waited up to that long each time they
-// woke (a streamed token's write, a new request's parsing: ~8 ms more time to first token).
+// after): CPython hands the GIL to a waiting thread only after a 5 ms switch interval, so a kernel
+// holding it would keep the server's request threads (a streamed token's write, a new request's
+// parsing) waiting for the engine's decode step to end (docs/performance.md).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("mm_int8", &mm_int8, nogil);
