@@ -17,7 +17,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -209,10 +208,9 @@ static inline __m512 load_lanes(__mmask16 mk, const float* p) {
 }
 
 // y[i, 0:cols] = x[i] @ w[:, 0:cols] + b for MB rows over V vectors of 16 columns, cols <= 16 V;
-// w row-major (K, N). 1, 2 or 4 rows use 64 columns; eight rows (a batch's decode step) use 48
-// (24 accumulators), so w is read from memory once for all eight (two passes of f32_tile<4> read
-// it twice), +5-20%. There each row of w is a new page to the hardware prefetcher, so rows are
-// prefetched 16 ahead (Xeon: 1.7x faster).
+// w row-major (K, N). Eight rows (of a batch's decode step) use 48 columns (24 accumulators), so
+// w is read from memory once for all eight. Each row of w is a new page to the hardware
+// prefetcher, so rows are prefetched 16 ahead (Xeon: 1.7x faster).
 constexpr int TILE8 = 48;
 template <int MB, int V, bool MASKED>
 static void f32_tile(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y, int64_t cols) {
@@ -239,71 +237,78 @@ static void f32_tile(const float* x, int64_t K, const float* w, int64_t N, const
                             b ? _mm512_add_ps(acc[i][v], _mm512_maskz_loadu_ps(mk[v], b + 16 * v)) : acc[i][v]);
 }
 
-// y[0:cols] = x[0:K] @ w[0:K, 0:cols] (w's rows N apart), overwriting y: eight rows of w at a time
-// (eight sequential streams, each the panel's width) into sums kept in y, in L1.
-static void row_panel(const float* x, int64_t K, const float* w, int64_t N, float* y, int64_t cols) {
-  const int64_t whole = cols / 16 * 16;
-  const __mmask16 tail = (__mmask16)((1u << (cols - whole)) - 1);
-  for (int64_t c = 0; c < cols; c += 16) _mm512_mask_storeu_ps(y + c, c < whole ? 0xFFFF : tail, _mm512_setzero_ps());
-  for (int64_t k = 0; k < K; k += 8) {
-    const int U = (int)std::min<int64_t>(8, K - k);
-    __m512 xv[8];
-    for (int u = 0; u < 8; ++u) xv[u] = _mm512_set1_ps(u < U ? x[k + u] : 0.f);
-    const float* wk = w + k * N;
-    if (U == 8) {
-      int64_t c = 0;
-      for (; c < whole; c += 16) {
-        __m512 acc = _mm512_loadu_ps(y + c);
-        for (int u = 0; u < 8; ++u) acc = _mm512_fmadd_ps(xv[u], _mm512_loadu_ps(wk + u * N + c), acc);
-        _mm512_storeu_ps(y + c, acc);
-      }
-      if (c < cols) {
-        __m512 acc = _mm512_maskz_loadu_ps(tail, y + c);
-        for (int u = 0; u < 8; ++u) acc = _mm512_fmadd_ps(xv[u], _mm512_maskz_loadu_ps(tail, wk + u * N + c), acc);
-        _mm512_mask_storeu_ps(y + c, tail, acc);
-      }
-    } else {  // K's last few rows
-      for (int64_t c = 0; c < cols; c += 16) {
-        const __mmask16 mk = c < whole ? 0xFFFF : tail;
-        __m512 acc = _mm512_maskz_loadu_ps(mk, y + c);
-        for (int u = 0; u < U; ++u) acc = _mm512_fmadd_ps(xv[u], _mm512_maskz_loadu_ps(mk, wk + u * N + c), acc);
-        _mm512_mask_storeu_ps(y + c, mk, acc);
-      }
-    }
+// y[m, 0:cols] = x[m, 0:K] @ w[0:K, 0:cols] for the M rows of x (xs apart) and of y (ys apart), w's
+// rows N apart, overwriting y: eight rows of w at a time (eight sequential streams, each the panel's
+// width) go into registers once and into the sums of every row of x, kept in y (in L1 or L2).
+template <bool FULL>
+static inline void panel_rows(const float* x, int64_t xs, int64_t M, int64_t k, int U, const float* wk, int64_t N,
+                              float* y, int64_t ys, int64_t c, __mmask16 mk) {
+  __m512 wv[8];
+  for (int u = 0; u < (FULL ? 8 : U); ++u) wv[u] = FULL ? _mm512_loadu_ps(wk + u * N + c) : _mm512_maskz_loadu_ps(mk, wk + u * N + c);
+  for (int64_t m = 0; m < M; ++m) {
+    float* ym = y + m * ys + c;
+    const float* xm = x + m * xs + k;
+    __m512 acc = FULL ? _mm512_loadu_ps(ym) : _mm512_maskz_loadu_ps(mk, ym);
+    for (int u = 0; u < (FULL ? 8 : U); ++u) acc = _mm512_fmadd_ps(_mm512_set1_ps(xm[u]), wv[u], acc);
+    if (FULL) _mm512_storeu_ps(ym, acc);
+    else _mm512_mask_storeu_ps(ym, mk, acc);
   }
 }
 
-// One row (a single stream's decode step): the threads split K, not the columns, so each reads one
-// contiguous block of w's rows, in panels of up to PANEL columns, and the hardware prefetchers see
-// long sequential runs. Column tiles instead jump N floats (a new 4 KB page) every 512 bytes read:
-// on a 2-core AMD EPYC (Zen 4) those read w at 15-19 GB/s, this at 30-45. The partial sums (one
-// row per chunk of K) meet in a second pass that adds the bias and applies ep.
-constexpr int64_t PANEL = 4096;
-static void f32_row(const float* x, int64_t K, const float* w, int64_t N, const float* b, float* y,
-                    const std::function<void(int64_t, int64_t)>& ep) {
+static void row_panel(const float* x, int64_t xs, int64_t M, int64_t K, const float* w, int64_t N, float* y, int64_t ys,
+                      int64_t cols) {
+  const int64_t whole = cols / 16 * 16;
+  const __mmask16 tail = (__mmask16)((1u << (cols - whole)) - 1);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < cols; c += 16) _mm512_mask_storeu_ps(y + m * ys + c, c < whole ? 0xFFFF : tail, _mm512_setzero_ps());
+  for (int64_t k = 0; k < K; k += 8) {
+    const int U = (int)std::min<int64_t>(8, K - k);
+    const float* wk = w + k * N;
+    int64_t c = 0;
+    if (U == 8)
+      for (; c < whole; c += 16) panel_rows<true>(x, xs, M, k, 8, wk, N, y, ys, c, 0xFFFF);
+    for (; c < cols; c += 16) panel_rows<false>(x, xs, M, k, U, wk, N, y, ys, c, c < whole ? 0xFFFF : tail);
+  }
+}
+
+// Up to FEW_ROWS rows (a single stream's decode step, a short prompt, drafts, a small batch): the
+// threads split K, not the columns, so each reads one contiguous block of w's rows, in panels of
+// up to PANEL_FLOATS / M columns (the rows' sums stay in L1 or L2), and the hardware prefetchers
+// see long sequential runs. Column tiles instead jump N floats (a new 4 KB page) every few hundred
+// bytes read: on a 2-core AMD EPYC (Zen 4) those read w at 15-19 GB/s, this at 30-45, and 9 rows
+// of a 768 x 3072 weight take 0.4 ms instead of 0.6 (docs/performance.md). The partial sums (M
+// rows per chunk of K) meet in a second pass that adds the bias and applies ep.
+constexpr int64_t PANEL_FLOATS = 1 << 14;  // 64 KB of sums
+static void f32_rows(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
+                     const Epilogue& ep) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K / 64));
-  static thread_local std::vector<float> partials;  // chunks 1.. (chunk 0 sums into y)
-  partials.resize((chunks - 1) * N);
+  const int64_t panel = std::max<int64_t>(16, std::min<int64_t>(4096, PANEL_FLOATS / M / 16 * 16));
+  // each chunk's sums, rows ys apart: N + 16 keeps rows whose stride is a multiple of 4 KB (N = 3072)
+  // from falling into the same L1 sets
+  const int64_t ys = N + 16;
+  static thread_local std::vector<float> partials;
+  partials.resize(chunks * M * ys);
   float* part = partials.data();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = K * c / chunks / 8 * 8, k1 = c == chunks - 1 ? K : K * (c + 1) / chunks / 8 * 8;
-      float* out = c ? part + (c - 1) * N : y;
-      for (int64_t n = 0; n < N; n += PANEL)
-        row_panel(x + k0, k1 - k0, w + k0 * N + n, N, out + n, std::min(PANEL, N - n));
+      for (int64_t n = 0; n < N; n += panel)
+        row_panel(x + k0, K, M, k1 - k0, w + k0 * N + n, N, part + c * M * ys + n, ys, std::min(panel, N - n));
     }
   });
-  at::parallel_for(0, N, 2048, [&](int64_t n0, int64_t n1) {
-    for (int64_t c = 1; c < chunks; ++c) {
-      const float* pc = part + (c - 1) * N;
+  at::parallel_for(0, N, 2048 / M + 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* ym = y + m * N;
+      const float* p0 = part + m * ys;
 #pragma omp simd
-      for (int64_t n = n0; n < n1; ++n) y[n] += pc[n];
-    }
-    if (b) {
+      for (int64_t n = n0; n < n1; ++n) ym[n] = p0[n] + (b ? b[n] : 0.f);
+      for (int64_t c = 1; c < chunks; ++c) {
+        const float* pc = part + (c * M + m) * ys;
 #pragma omp simd
-      for (int64_t n = n0; n < n1; ++n) y[n] += b[n];
+        for (int64_t n = n0; n < n1; ++n) ym[n] += pc[n];
+      }
     }
-    ep(n0, n1);
+    ep(y, N, 0, M, n0, n1);
   });
 }
 
@@ -316,37 +321,28 @@ static void f32_rest(const float* x, int64_t m, int64_t M, int64_t K, const floa
   for (; m < M; ++m) f32_tile<1, V, MASKED>(x + m * K, K, w, N, b, y + m * N, cols);
 }
 
-// y (M, N) = x @ w + b, then ep; w (K, N) fp32 as stored. Eight rows or more: rows 8 at a time over
-// 48-column tiles, the last few on each tile while it is in L2, so w is read from memory once. A
-// single row: f32_row. Else 4, 2 and 1 rows over 64-column tiles. The threads split the tiles (columns; f32_row splits K), so
-// each weight is read by one thread, once.
+// y (M, N) = x @ w + b, then ep; w (K, N) fp32 as stored. Up to FEW_ROWS rows: f32_rows. More:
+// rows 8 at a time over 48-column tiles, the last few on each tile while it is in L2, so w is read
+// from memory once; the threads split the tiles, so each weight is read by one thread, once.
+constexpr int64_t FEW_ROWS = 16;
 static void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
                        const Epilogue& ep) {
-  const int64_t M8 = M / 8 * 8;
-  if (M8) {
-    at::parallel_for(0, (N + TILE8 - 1) / TILE8, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t n = t0 * TILE8; n < std::min(N, t1 * TILE8); n += TILE8) {
-        const int64_t cols = std::min<int64_t>(TILE8, N - n);
-        const bool whole = cols == TILE8;
-        const float* bn = b ? b + n : nullptr;
-        const auto tile = whole ? f32_tile<8, TILE8 / 16, false> : f32_tile<8, TILE8 / 16, true>;
-        for (int64_t m = 0; m < M8; m += 8) tile(x + m * K, K, w + n, N, bn, y + m * N + n, cols);
-        (whole ? f32_rest<TILE8 / 16, false> : f32_rest<TILE8 / 16, true>)(x, M8, M, K, w + n, N, bn, y + n, cols);
-        ep(y, N, 0, M, n, n + cols);
-      }
-    });
-  } else if (M == 1) {
-    f32_row(x, K, w, N, b, y, [&](int64_t n0, int64_t n1) { ep(y, N, 0, 1, n0, n1); });
-  } else {
-    at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t n = t0 * TILE; n < std::min(N, t1 * TILE); n += TILE) {
-        const int64_t cols = std::min<int64_t>(TILE, N - n);
-        (cols == TILE ? f32_rest<TILE / 16, false> : f32_rest<TILE / 16, true>)(x, 0, M, K, w + n, N,
-                                                                              b ? b + n : nullptr, y + n, cols);
-        ep(y, N, 0, M, n, n + cols);
-      }
-    });
+  if (M <= FEW_ROWS) {
+    f32_rows(x, M, K, w, N, b, y, ep);
+    return;
   }
+  const int64_t M8 = M / 8 * 8;
+  at::parallel_for(0, (N + TILE8 - 1) / TILE8, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t n = t0 * TILE8; n < std::min(N, t1 * TILE8); n += TILE8) {
+      const int64_t cols = std::min<int64_t>(TILE8, N - n);
+      const bool whole = cols == TILE8;
+      const float* bn = b ? b + n : nullptr;
+      const auto tile = whole ? f32_tile<8, TILE8 / 16, false> : f32_tile<8, TILE8 / 16, true>;
+      for (int64_t m = 0; m < M8; m += 8) tile(x + m * K, K, w + n, N, bn, y + m * N + n, cols);
+      (whole ? f32_rest<TILE8 / 16, false> : f32_rest<TILE8 / 16, true>)(x, M8, M, K, w + n, N, bn, y + n, cols);
+      ep(y, N, 0, M, n, n + cols);
+    }
+  });
 }
 #endif
 

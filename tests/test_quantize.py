@@ -92,18 +92,18 @@ def test_sampling_kernel_draws_the_token_whose_cdf_step_holds_u(temperature):
     assert set(draws) == {3, 250} and abs(draws.count(3) / 1000 - 0.7311) < 0.002
 
 
-@pytest.mark.parametrize("N", [200, 96, 48])
-def test_fp32_few_row_matmul_is_addmm_for_every_row_count(N):
-    """cpu_kernels.linear_f32 for 1 to 17 rows (the 8-row tiles, the rows after them on the same
-    tiles, the single-row K split, the 4/2/1-row tiles), columns past a whole tile, with and
-    without a bias, matches x @ w + b."""
+@pytest.mark.parametrize("K,N", [(160, 200), (160, 96), (163, 48), (131, 3072)])
+def test_fp32_few_row_matmul_is_addmm_for_every_row_count(K, N):
+    """cpu_kernels.linear_f32 for 1 to 27 rows (up to FEW_ROWS the threads' split of K, its last
+    few inputs included; past it the 8-row tiles and the rows after them on the same tiles),
+    columns past a whole vector or tile, with and without a bias, matches x @ w + b."""
     if not cpu_kernels.fast_f32():
         pytest.skip("the fp32 few-row kernel needs AVX-512")
     generator = torch.Generator().manual_seed(3)
-    w = torch.randn(160, N, generator=generator)
+    w = torch.randn(K, N, generator=generator)
     b = torch.randn(N, generator=generator)
-    for M in range(1, 18):
-        x = torch.randn(M, 160, generator=generator)
+    for M in range(1, 28):
+        x = torch.randn(M, K, generator=generator)
         torch.testing.assert_close(cpu_kernels.linear_f32(x, w, b), torch.addmm(b, x, w), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(cpu_kernels.linear_f32(x, w, None), x @ w, rtol=1e-4, atol=1e-4)
 
