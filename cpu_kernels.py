@@ -193,12 +193,14 @@ def cpu_fp32(t):
     return t.device.type == "cpu" and t.dtype == torch.float32 and not torch.is_grad_enabled() and ops() is not None
 
 
-def pack_int8(w):
+def pack_int8(w, packed_columns=lambda n0, n1: None):
     """w: (in, out) fp32, any strides (a view of the file or of wte.T). Returns (packed, scale):
     packed (out/64, in/2, 64, 2) int8 holding round(w / scale), two consecutive inputs of one
     output column side by side as the VNNI dot product reads them; scale (out,) fp32, one per
     output column (max |w| / 127). Done a few columns at a time (~4M weights) so that the
-    temporaries stay small: GPT-2-XL quantized at load time peaks under 2.5 GB."""
+    temporaries stay small: GPT-2-XL quantized at load time peaks under 2.5 GB.
+    packed_columns(n0, n1) is told of each slice of columns done (a mapped file can give back
+    its pages then)."""
     K, N = w.shape
     Kp, tiles = -(-K // BLOCK) * BLOCK, -(-N // TILE)
     packed = torch.empty(tiles, Kp // 2, TILE, 2, dtype=torch.int8)
@@ -213,6 +215,7 @@ def pack_int8(w):
         q[:K, :n1 - n0] = torch.round(cols / s).clamp(-127, 127).to(torch.int8)
         packed[t0:t1] = q.view(Kp // 2, 2, t1 - t0, TILE).permute(2, 0, 3, 1)
         scale[n0:n1] = s
+        packed_columns(n0, n1)
     return packed, scale
 
 

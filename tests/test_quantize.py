@@ -44,6 +44,24 @@ def test_int8_matmul_is_the_documented_arithmetic_and_close_to_fp32(K, N):
         assert ((y - exact).norm() / (exact - bias).norm()) < 0.01  # ~0.5% per matmul in practice
 
 
+def test_int8_packing_reports_each_slice_of_columns_once_it_is_packed():
+    """pack_int8 tells its caller of every slice of columns as soon as it has packed it, in order
+    and each column once: the slice is not read again (the int8 model gives back the fp32 table's
+    pages there), so overwriting it then changes nothing."""
+    w = torch.randn(768, 12564)
+    expected = cpu_kernels.pack_int8(w.clone())
+    done = []
+
+    def packed_columns(n0, n1):
+        done.append((n0, n1))
+        w[:, n0:n1] = float("nan")  # what a caller may do with the slice now
+
+    packed, scale = cpu_kernels.pack_int8(w, packed_columns)
+    assert done[0][0] == 0 and done[-1][1] == w.size(1) and len(done) > 1
+    assert all(a[1] == b[0] for a, b in zip(done, done[1:]))
+    assert torch.equal(packed, expected[0]) and torch.equal(scale, expected[1])
+
+
 @pytest.mark.parametrize("hs", [16, 64])  # a portable loop; GPT-2's head size has an AVX-512 path
 def test_decode_attention_reads_each_row_up_to_its_length_only(hs):
     torch.manual_seed(0)
