@@ -394,10 +394,12 @@ static void attend_row64(const float* q, const float* k, const float* v, int64_t
 // y[b, h, j] = softmax(q[b, h, j] . K[0:L] / sqrt(hs)) @ V[0:L]. One query per row in a decode
 // step; a few when drafts are verified, each computed exactly as its own decode step would be.
 // q: row b's (H, T, D) queries at q + b * q_row; y: (B, H, T, D) contiguous. k, v: the KV cache
-// (B, nh, T_cap, hs); slots past a row's length are never read (they may hold anything).
+// (B_cache, nh, T_cap, hs), row b's at cache row rows[b] (b where rows is null); slots past a
+// row's length are never read (they may hold anything).
 // torch's fused CPU attention takes ~2 ms a call for one query, its bmm path ~70 us.
 static void attend_rows(const float* q, int64_t q_row, const torch::Tensor& k, const torch::Tensor& v,
-                        const int64_t* lengths, int64_t B, int64_t H, int64_t T, int64_t D, float* y) {
+                        const int64_t* rows, const int64_t* lengths, int64_t B, int64_t H, int64_t T, int64_t D,
+                        float* y) {
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const int64_t sb = k.stride(0), sh = k.stride(1), st = k.stride(2);
@@ -407,8 +409,9 @@ static void attend_rows(const float* q, int64_t q_row, const torch::Tensor& k, c
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (H * T), h = (i / T) % H, L = lengths[b] + i % T;
       const float* qi = q + b * q_row + (i % (H * T)) * D;
-      const float* ki = kp + b * sb + h * sh;
-      const float* vi = vp + b * sb + h * sh;
+      const int64_t r = rows ? rows[b] : b;
+      const float* ki = kp + r * sb + h * sh;
+      const float* vi = vp + r * sb + h * sh;
       p.resize(L + 16);
       float* yi = y + i * D;
 #if FAST_PATH
@@ -444,7 +447,8 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::T
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   auto qc = q.contiguous();
   auto y = torch::empty_like(qc);
-  attend_rows(qc.data_ptr<float>(), H * T * D, k, v, lengths.data_ptr<int64_t>(), B, H, T, D, y.data_ptr<float>());
+  attend_rows(qc.data_ptr<float>(), H * T * D, k, v, nullptr, lengths.data_ptr<int64_t>(), B, H, T, D,
+              y.data_ptr<float>());
   return y;
 }
 
@@ -483,20 +487,30 @@ static void block_linear(const float* x, int64_t M, int64_t K, const torch::Tens
 #endif
 }
 
-// The residual stream xs (B, C) of one decode step (a new token per row) through every block, in
-// place. params: 16 tensors per layer: ln_1 weight, bias; c_attn; attn.c_proj; ln_2 weight, bias;
-// c_fc; mlp.c_proj, each linear as weight (fp32 (in, out), or int8 packed), scale (int8 only, else
-// empty), bias (empty when none); an empty LayerNorm weight or bias means none. k[l], v[l]: the
-// layer's cache (B, nh, T_cap, hs); row b's new key and value go to position pos[b], and its query
-// sees positions 0..pos[b]. The ops of Block.forward, with the same matmul kernels; LayerNorm and
-// GELU are written here, so results agree with it to float rounding, not bit for bit.
+// The residual stream xs (B, C) of B tokens (one a row) through every block, in place. params: 16
+// tensors per layer: ln_1 weight, bias; c_attn; attn.c_proj; ln_2 weight, bias; c_fc; mlp.c_proj,
+// each linear as weight (fp32 (in, out), or int8 packed), scale (int8 only, else empty), bias
+// (empty when none); an empty LayerNorm weight or bias means none. k[l], v[l]: the layer's cache
+// (B_cache, nh, T_cap, hs); token b's key and value go to position pos[b] of cache row rows[b]
+// (row b where rows is empty), and its query sees that row's positions 0..pos[b]: a decode step
+// is a token per cache row; one sequence's drafts, or a batch of prompts, are several tokens of a
+// row at consecutive positions, each seeing the ones before it as its own decode step would
+// (every token's key and value are written before any attends). The ops of Block.forward, with
+// the same matmul kernels; LayerNorm and GELU are written here, so results agree with it to float
+// rounding, not bit for bit.
 static void run_layers(float* xs, int64_t B, int64_t C, const std::vector<torch::Tensor>& params,
                        const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v, const torch::Tensor& pos,
-                       int64_t n_head, double eps) {
+                       const torch::Tensor& rows, int64_t n_head, double eps) {
   const int64_t hs = C / n_head, L = k.size();
   TORCH_CHECK(params.size() == 16 * (size_t)L && v.size() == (size_t)L && pos.numel() == B &&
-              pos.scalar_type() == torch::kLong && pos.is_contiguous(), "decode_layers: bad arguments");
+              pos.scalar_type() == torch::kLong && pos.is_contiguous() &&
+              (rows.numel() == 0 || (rows.numel() == B && rows.scalar_type() == torch::kLong && rows.is_contiguous())),
+              "decode_layers: bad arguments");
   const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* rp = rows.numel() ? rows.data_ptr<int64_t>() : nullptr;
+  for (int64_t b = 0; b < B; ++b)  // every layer's cache has the same shape
+    TORCH_CHECK(L == 0 || (0 <= pp[b] && pp[b] < k[0].size(2) && 0 <= (rp ? rp[b] : b) && (rp ? rp[b] : b) < k[0].size(0)),
+                "decode_layers: a token's cache row or position is out of range");
   std::vector<int64_t> lengths(pp, pp + B);
   for (auto& n : lengths) ++n;
   auto scratch = torch::empty({B, 10 * C}, torch::kFloat);
@@ -513,12 +527,14 @@ static void run_layers(float* xs, int64_t B, int64_t C, const std::vector<torch:
     float* kp = k[l].data_ptr<float>();
     float* vp = v[l].data_ptr<float>();
     const int64_t sb = k[l].stride(0), sh = k[l].stride(1), st = k[l].stride(2);
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r = rp ? rp[b] : b;
       for (int64_t i = 0; i < n_head; ++i) {
-        std::memcpy(kp + b * sb + i * sh + pp[b] * st, qkv + b * 3 * C + C + i * hs, hs * sizeof(float));
-        std::memcpy(vp + b * sb + i * sh + pp[b] * st, qkv + b * 3 * C + 2 * C + i * hs, hs * sizeof(float));
+        std::memcpy(kp + r * sb + i * sh + pp[b] * st, qkv + b * 3 * C + C + i * hs, hs * sizeof(float));
+        std::memcpy(vp + r * sb + i * sh + pp[b] * st, qkv + b * 3 * C + 2 * C + i * hs, hs * sizeof(float));
       }
-    attend_rows(qkv, 3 * C, k[l], v[l], lengths.data(), B, n_head, 1, hs, att);
+    }
+    attend_rows(qkv, 3 * C, k[l], v[l], rp, lengths.data(), B, n_head, 1, hs, att);
     block_linear(att, B, C, p[5], p[6], p[7], proj, add);  // x += attn
     layer_norm_rows(xs, B, C, data_or_null(p[8]), data_or_null(p[9]), (float)eps, h);
     block_linear(h, B, C, p[10], p[11], p[12], fc, gelu);
@@ -528,10 +544,11 @@ static void run_layers(float* xs, int64_t B, int64_t C, const std::vector<torch:
 
 // x (B, C) embedded inputs -> the residual stream after the last block (run_layers).
 torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> params, std::vector<torch::Tensor> k,
-                            std::vector<torch::Tensor> v, torch::Tensor pos, int64_t n_head, double eps) {
+                            std::vector<torch::Tensor> v, torch::Tensor pos, torch::Tensor rows, int64_t n_head,
+                            double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "decode_layers: x must be (B, C) fp32");
   auto out = x.contiguous().clone();  // the residual stream, updated in place layer by layer
-  run_layers(out.data_ptr<float>(), x.size(0), x.size(1), params, k, v, pos, n_head, eps);
+  run_layers(out.data_ptr<float>(), x.size(0), x.size(1), params, k, v, pos, rows, n_head, eps);
   return out;
 }
 
@@ -569,7 +586,7 @@ torch::Tensor decode_step(torch::Tensor ids, torch::Tensor pos, torch::Tensor wt
       for (int64_t c = 0; c < C; ++c) xb[c] = row[c] + pb[c];
     }
   }
-  run_layers(xs, B, C, params, k, v, pos, n_head, eps);
+  run_layers(xs, B, C, params, k, v, pos, torch::empty({0}, torch::kLong), n_head, eps);
   auto h = torch::empty({B, C}, torch::kFloat);
   layer_norm_rows(xs, B, C, data_or_null(ln_w), data_or_null(ln_b), (float)eps, h.data_ptr<float>());
   auto logits = torch::empty({B, V}, torch::kFloat);

@@ -252,17 +252,18 @@ ABSENT = torch.empty(0)  # a tensor decode_layers' parameter list does not have 
 
 
 def decode_layers(x, params, cache, positions, config):
-    """A cached pass through every block in one call. x (B, 1, C): a decode step, one token per row;
-    or (1, T, C): one sequence's next T tokens (drafts to verify), each run as a row of its own
-    that writes and reads that sequence's cache (a stride-0 view), so token j sees the cache and
-    tokens 0..j, exactly as its own decode step would. params from GPT._decode_params (ABSENT = no
-    such tensor), cache the per-layer (k, v), positions (B, 1) or (1, T): where each token goes.
-    Returns the residual stream after the last block, shaped as x."""
+    """A cached pass through every block in one call. x (B, T, C): B rows' next T tokens each (a
+    decode step: T = 1; drafts to verify or prompts: T > 1), every token run as an input of its
+    own that writes its row's cache at its position and reads that row's cache up to it, so token
+    j sees the cache and tokens 0..j, exactly as its own decode step would. params from
+    GPT._decode_params (ABSENT = no such tensor), cache the per-layer (k, v) of these B rows,
+    positions (B, T), or (1, T) shared by the rows: where each token goes. Returns the residual
+    stream after the last block, shaped as x."""
     B, T, C = x.shape
-    if T > 1:
-        cache = [(k.expand(T, -1, -1, -1), v.expand(T, -1, -1, -1)) for k, v in cache]
+    rows = torch.arange(B).repeat_interleave(T) if T > 1 else ABSENT
     out = ops().decode_layers(x.reshape(B * T, C).contiguous(), params,
-                              [k for k, _ in cache], [v for _, v in cache], positions.reshape(B * T).contiguous(),
+                              [k for k, _ in cache], [v for _, v in cache],
+                              positions.expand(B, T).reshape(B * T).contiguous(), rows,
                               config.n_head, config.layer_norm_epsilon)
     return out.view(B, T, C)
 

@@ -28,7 +28,8 @@ PRETRAINED = {  # model_type -> (n_layer, n_head, n_embd)
     "gpt2-xl": (48, 25, 1600),  # 1558M
 }
 HUB_ORG = "openai-community"
-FEW_ROWS = 16  # up to this many rows, fp32 CPU matmuls use cpu_kernels.py (decode steps, short prompts)
+FEW_ROWS = 16  # a pass of one sequence up to this many tokens runs its blocks in one call (drafts, short prompts)
+KERNEL_ROWS = 512  # up to this many rows, fp32 CPU inference matmuls use cpu_kernels.py (past it, MKL's addmm)
 QUANTIZE = ("int8",)  # --quantize choices (CPU): int8 weights, see cpu_kernels.py
 INT8_CPU_ONLY = ("--quantize int8 is a CPU path for float32 weights; on CUDA use --dtype float16 or bfloat16 "
                  "(tensor cores beat int8 kernels at GPT-2's sizes)")
@@ -68,9 +69,9 @@ class Conv1D(nn.Module):
         x = x.reshape(-1, x.size(-1))
         if self.qweight is not None:
             y = cpu_kernels.linear_int8(x, self.qweight, self.qscale, self.bias, self.n_out)
-        elif x.size(0) <= FEW_ROWS and cpu_kernels.cpu_fp32(self.weight) and cpu_kernels.fast_f32():
-            # a decode step (one row or a batch's) or a short prompt: cpu_kernels.py's matmul beats
-            # MKL's addmm here by 1.1-2x on 2 threads
+        elif x.size(0) <= KERNEL_ROWS and cpu_kernels.cpu_fp32(self.weight) and cpu_kernels.fast_f32():
+            # decode steps, drafts, prompts: cpu_kernels.py's matmul beats MKL's addmm on 2 threads,
+            # 1.5-2.5x for a few rows, 1.05-1.3x for hundreds (docs/performance.md)
             y = cpu_kernels.linear_f32(x, self.weight, self.bias)
         else:
             y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
@@ -304,13 +305,15 @@ class GPT(nn.Module):
     def _one_call_decode(self, B, T):
         """Whether a cached pass of B rows of T tokens runs its blocks in one call to cpu_kernels.py
         (the same ops as Block.forward): CPU inference of a decode step (a token per row, any
-        batch), or of up to FEW_ROWS tokens of one sequence (drafts to verify, a short prompt); fp32
-        needs the AVX-512 kernel. Drafts share it so that verifying them costs what plain decoding
-        does per weight read (they took the per-op path, 2 ms slower); an fp32 batch of 32 decodes
-        2.6x faster than through the per-op path (docs/performance.md)."""
+        batch), or of up to FEW_ROWS tokens a row (drafts to verify, short prompts, up to
+        KERNEL_ROWS tokens in all); fp32 needs the AVX-512 kernel. Drafts share it so that
+        verifying them costs what plain decoding does per weight read (they took the per-op path,
+        2 ms slower); an fp32 batch of 32 decodes 2.6x faster than through the per-op path, and 8
+        fp32 prompts of 9 tokens prefill 1.4x faster (docs/performance.md). Longer prompts take
+        the per-op path, whose fused attention beats the kernel's per-query one there."""
         if self.training or not cpu_kernels.cpu_fp32(self.transformer.wpe.weight):
             return False
-        if T > 1 and (B > 1 or T > FEW_ROWS):
+        if T > FEW_ROWS or B * T > KERNEL_ROWS:
             return False
         return self.quantized == "int8" or cpu_kernels.fast_f32()
 
@@ -353,7 +356,7 @@ class GPT(nn.Module):
             return self.lm_head(x)
         head_t = self._head_transposed()
         rows = x.reshape(-1, x.size(-1))
-        if rows.size(0) <= FEW_ROWS and cpu_kernels.cpu_fp32(x) and cpu_kernels.fast_f32():
+        if rows.size(0) <= KERNEL_ROWS and cpu_kernels.cpu_fp32(x) and cpu_kernels.fast_f32():
             # decode steps: cpu_kernels.py's matmul reads the 154 MB (at 124M) ~1.8x faster than addmm
             return cpu_kernels.linear_f32(rows, head_t, None).view(*x.shape[:-1], w.size(0))
         return x @ head_t

@@ -142,8 +142,8 @@ def test_argmax_kernel_is_torch_argmax_ties_included():
 @pytest.mark.parametrize("quantize,bias", [(None, True), ("int8", True), (None, False)])
 def test_one_call_decode_is_the_blocks_op_for_op(quantize, bias):
     """cpu_kernels.decode_layers runs Block.forward's ops from C++ (its own LayerNorm and GELU): the logits
-    agree to float rounding and the greedy tokens exactly, for rows decoding at different positions
-    and for one row's drafts, with and without biases, fp32 and int8."""
+    agree to float rounding and the greedy tokens exactly, for a batch of prompts, for rows decoding
+    at different positions and for one row's drafts, with and without biases, fp32 and int8."""
     from model import KVCache
     if not quantize and not cpu_kernels.fast_f32():
         pytest.skip("fp32 decodes in one call only with the AVX-512 kernel")
@@ -158,15 +158,15 @@ def test_one_call_decode_is_the_blocks_op_for_op(quantize, bias):
         g = torch.Generator().manual_seed(1)
         with torch.inference_mode():
             cache = KVCache(model.config, 3, "cpu", torch.float32)
-            model(torch.randint(0, 500, (3, 6), generator=g), cache=cache.rows(0, 3), pos=0)
+            prompts = model(torch.randint(0, 500, (3, 6), generator=g), cache=cache.rows(0, 3), pos=0)[0]
             pos = torch.tensor([5, 3, 4])  # rows at different lengths (the prompt's tail rewritten)
             steps = torch.stack([model(torch.randint(0, 500, (3, 1), generator=g), cache=cache.rows(0, 3),
                                        pos=pos + step)[0] for step in range(1, 5)])
             drafts = model(torch.randint(0, 500, (1, 4), generator=g), cache=cache.rows(0, 1), pos=10)[0]
-            runs.append(torch.cat([steps.flatten(0, 2), drafts.flatten(0, 1)]))
+            runs.append(torch.cat([prompts.flatten(0, 1), steps.flatten(0, 2), drafts.flatten(0, 1)]))
     del model._one_call_decode
-    with torch.inference_mode():  # the paths under test are the ones taken: decode steps and drafts
-        assert model._one_call_decode(3, 1) and model._one_call_decode(1, 4)
+    with torch.inference_mode():  # the paths under test are the ones taken: prompts, decode steps, drafts
+        assert model._one_call_decode(3, 6) and model._one_call_decode(3, 1) and model._one_call_decode(1, 4)
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)  # int8: int16 rounding of activations
     assert torch.equal(runs[0].argmax(-1), runs[1].argmax(-1))
 
