@@ -253,19 +253,23 @@ ABSENT = torch.empty(0)  # a tensor decode_layers' parameter list does not have 
 
 def decode_layers(x, params, cache, positions, config):
     """A cached pass through every block in one call. x (B, T, C): B rows' next T tokens each (a
-    decode step: T = 1; drafts to verify or prompts: T > 1), every token run as an input of its
-    own that writes its row's cache at its position and reads that row's cache up to it, so token
-    j sees the cache and tokens 0..j, exactly as its own decode step would. params from
-    GPT._decode_params (ABSENT = no such tensor), cache the per-layer (k, v) of these B rows,
-    positions (B, T), or (1, T) shared by the rows: where each token goes. Returns the residual
-    stream after the last block, shaped as x."""
+    decode step: T = 1; drafts to verify or prompts: T > 1), positions (B, T), or (1, T) shared
+    by the rows: where each token goes (decode_tokens). params from GPT._decode_params (ABSENT = no
+    such tensor), cache the per-layer (k, v) of these B rows. Returns the residual stream after
+    the last block, shaped as x."""
     B, T, C = x.shape
-    rows = torch.arange(B).repeat_interleave(T) if T > 1 else ABSENT
-    out = ops().decode_layers(x.reshape(B * T, C).contiguous(), params,
-                              [k for k, _ in cache], [v for _, v in cache],
-                              positions.expand(B, T).reshape(B * T).contiguous(), rows,
-                              config.n_head, config.layer_norm_epsilon)
-    return out.view(B, T, C)
+    rows = torch.arange(B).repeat_interleave(T) if T > 1 else ABSENT  # ABSENT: token b in row b
+    return decode_tokens(x.reshape(B * T, C), params, cache, positions.expand(B, T).reshape(B * T), rows,
+                         config).view(B, T, C)
+
+
+def decode_tokens(x, params, cache, positions, rows, config):
+    """decode_layers over tokens given one by one: x (N, C), positions and rows (N,) long (rows
+    ABSENT: token i in row i). Token i writes position positions[i] of cache row rows[i] and reads
+    that row up to it, so token j of a row sees the cache and the row's tokens before it, exactly
+    as its own decode step would. Returns the residual stream (N, C) after the last block."""
+    return ops().decode_layers(x.contiguous(), params, [k for k, _ in cache], [v for _, v in cache],
+                               positions.contiguous(), rows.contiguous(), config.n_head, config.layer_norm_epsilon)
 
 
 def decode_step(ids, positions, wte, wpe, params, cache, ln_f, head, head_scale, config):

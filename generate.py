@@ -111,13 +111,17 @@ class Sequence:
             raise GenerationError(f"prompt ({n} tokens) plus max_new_tokens ({self.params.max_new_tokens}) "
                                   f"exceeds the model's context of {limit} tokens")
 
-    def next_drafts(self, k):
-        """Up to k drafts to verify (draft_tokens()), none where speculation does not apply: sampled
-        or penalised decoding, logprobs, the last token, or drafts that missed lately (a few plain steps)."""
+    def may_draft(self):
+        """Whether speculation applies to this sequence's settings: greedy, unpenalised, no logprobs."""
         p = self.params
-        k = min(k, p.max_new_tokens - len(self.out_ids) - 1)
-        if (not p.greedy or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-                or p.logprobs is not None or k <= 0):
+        return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and p.logprobs is None)
+
+    def next_drafts(self, k):
+        """Up to k drafts to verify (draft_tokens()), none where speculation does not apply (see
+        may_draft), at the last token, or after drafts that missed lately (a few plain steps)."""
+        k = min(k, self.params.max_new_tokens - len(self.out_ids) - 1)
+        if not self.may_draft() or k <= 0:
             return []
         if self.draft_pause:
             self.draft_pause -= 1
@@ -348,27 +352,27 @@ class Batcher:
         self.lengths += [0] * len(new_seqs)
         if self.decoding and self.prefill_chunk:
             return []
-        return self._prefill()
+        return self._prefill(self._prefill_plan())
 
     @torch.inference_mode()
     def step(self):
         """One token for every decoding sequence (more with drafts), then a round of prefill for
-        the prompts waiting in rows (see _prefill). Returns the sequences that advanced."""
+        the prompts waiting in rows (see _prefill_plan), in the same pass where it can (_fused).
+        Returns the sequences that advanced."""
+        plan = self._prefill_plan() if self.decoding < len(self.seqs) else []
+        if self.decoding and plan:
+            advanced = self._fused(plan)
+            if advanced is not None:
+                return advanced
         advanced = self._decode() if self.decoding else []
-        if self.decoding < len(self.seqs):
-            advanced += self._prefill()
-        return advanced
+        return advanced + self._prefill(plan)
 
     def _decode(self):
         seqs = self.seqs[:self.decoding]
         if len(seqs) == 1 and self.draft_tokens and self._speculate(seqs[0]):
             return seqs
         B = len(seqs)
-        for i in range(B):
-            if self.lengths[i] == self.model.config.block_size:  # full: only sliding_window sequences get here
-                self._slide(i)
-        lengths = self.lengths[:B]
-        self.cache.reserve(max(lengths) + 1)
+        lengths = self._make_room(B)
         idx = torch.tensor([[s.out_ids[-1]] for s in seqs], device=self.device)
         pos = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=self.device)
         luts = _lut_batch(seqs, [1] * B)
@@ -378,17 +382,26 @@ class Batcher:
         self._take(seqs, sample_next(logits[:, -1], seqs, forced), luts.fires_at([0] * B) if forced is not None else None)
         return seqs
 
-    def _prefill(self):
-        """Prefill the waiting rows (past self.decoding) in order; returns the sequences whose
-        prompts completed (their first token sampled). While rows decode with prefill_chunk set, at
-        most prefill_chunk tokens (padding counted): longer prompts go in pieces, shorter whole."""
+    def _make_room(self, B):
+        """Slide the decoding rows 0..B-1 that are full and reserve a position for each; returns
+        their lengths."""
+        for i in range(B):
+            if self.lengths[i] == self.model.config.block_size:  # full: only sliding_window sequences get here
+                self._slide(i)
+        lengths = self.lengths[:B]
+        self.cache.reserve(max(lengths) + 1)
+        return lengths
+
+    def _prefill_plan(self):
+        """The prompt work of this round, in row order from the first waiting row: (first, k, T),
+        the whole prompts of k rows from the one holding sequence `first`, padded to the longest
+        (T tokens); or (first, None, c), the next c tokens of that row's prompt. While rows decode
+        with prefill_chunk set, at most prefill_chunk tokens (padding counted): longer prompts go in
+        pieces, shorter whole; else everything waiting."""
+        self.retire()  # sequences cancelled while they waited
         budget = self._piece_budget() if self.prefill_chunk and self.decoding else None  # None: no limit
-        full, started = budget, []
-        while self.decoding < len(self.seqs) and (budget is None or budget > 0):
-            d = self.decoding
-            if self.seqs[d].done:  # cancelled while it waited
-                self.retire()
-                continue
+        full, plan, d = budget, [], self.decoding
+        while d < len(self.seqs) and (budget is None or budget > 0):
             n = len(self.seqs[d].prompt_ids)
             if self.lengths[d] == 0 and (budget is None or n <= budget):
                 k, T = 1, n  # whole prompts: as many as fit the budget, padded to the longest
@@ -397,19 +410,75 @@ class Batcher:
                     if budget is not None and (k + 1) * longest > budget:
                         break
                     k, T = k + 1, longest
-                started += self._prefill_whole(d, k, T)
+                plan.append((self.seqs[d], k, T))
                 used = k * T
+                d += k
             elif self.lengths[d] == 0 and n <= full:
-                break  # a short prompt waits for the next call rather than being split
+                break  # a short prompt waits for the next round rather than being split
             else:
                 used = n - self.lengths[d] if budget is None else min(budget, n - self.lengths[d])
-                t0 = time.perf_counter()
-                started += self._prefill_piece(d, used)
-                if used == full:  # a whole step's piece: what the next ones will be sized by
-                    self._measure(time.perf_counter() - t0, used)
+                plan.append((self.seqs[d], None, used))
+                d += 1
             if budget is not None:
                 budget -= used
+        return plan
+
+    def _prefill(self, plan):
+        """Run the plan (_prefill_plan) pass by pass; returns the sequences whose prompts completed
+        (their first token sampled). A row is found by its sequence: a finished one retired on the
+        way moves the rows after it."""
+        started, full = [], self._piece_budget() if self.prefill_chunk and self.decoding else None
+        for first, k, n in plan:
+            if first not in self.seqs:  # finished meanwhile (cancelled)
+                continue
+            d = self.seqs.index(first)
+            if k is not None:
+                started += self._prefill_whole(d, k, n)
+                continue
+            t0 = time.perf_counter()
+            started += self._prefill_piece(d, n)
+            if n == full:  # a whole step's piece: what the next ones will be sized by
+                self._measure(time.perf_counter() - t0, n)
         return started
+
+    def _fused(self, plan):
+        """The decode step of the decoding rows and the plan's prompt tokens in one pass of the
+        model (GPT.forward_tokens), so they share one read of the weights: a prompt costs its own
+        rows' compute, not a pass of its own. Only where the CPU runs it in one call, without
+        drafts and with no LUT firing (the LUT paths are the separate passes'); returns None
+        where it does not apply, else the sequences that advanced."""
+        seqs = self.seqs[:self.decoding]
+        B = len(seqs)
+        if B == 1 and self.draft_tokens and seqs[0].may_draft():
+            return None  # a lone greedy stream verifies drafts instead (_speculate)
+        ids, rows, positions, last, prompts = [s.out_ids[-1] for s in seqs], list(range(B)), list(self.lengths[:B]), [], []
+        for first, k, n in plan:
+            d = self.seqs.index(first)
+            for r in range(d, d + k) if k is not None else [d]:
+                prompt, start = self.seqs[r].prompt_ids, self.lengths[r]
+                end = len(prompt) if k is not None else start + n
+                ids += prompt[start:end]
+                rows += [r] * (end - start)
+                positions += range(start, end)
+                if end == len(prompt):
+                    last.append(len(ids) - 1)
+                    prompts.append(self.seqs[r])
+        if not self.model.one_call_tokens(len(ids)) or any(n == self.model.config.block_size for n in self.lengths[:B]):
+            return None
+        if _lut_batch(seqs, [1] * B) or _lut_batch(prompts, [len(s.prompt_ids) for s in prompts], last_only=True):
+            return None
+        self.cache.reserve(max(positions) + 1)
+        t0 = time.perf_counter()
+        logits = self.model.forward_tokens(torch.tensor(ids), torch.tensor(rows), torch.tensor(positions),
+                                           self.cache.rows(0, len(self.seqs)), torch.tensor(list(range(B)) + last))
+        for r, p in zip(rows, positions):
+            self.lengths[r] = max(self.lengths[r], p + 1)
+        pieces = [n for _, k, n in plan if k is None]
+        if pieces and pieces[-1] == self._piece_budget():  # timed with the decode rows: the step's pause
+            self._measure(time.perf_counter() - t0, pieces[-1])
+        self.decoding += len(prompts)  # completed prompts are the rows right after the decoding ones
+        self._take(seqs + prompts, sample_next(logits, seqs + prompts))
+        return seqs + prompts
 
     def _piece_budget(self):
         """Prompt tokens a step may prefill beside decoding rows: prefill_chunk, or fewer where the

@@ -281,12 +281,7 @@ class GPT(nn.Module):
             lengths = torch.full((B,), start + 1, dtype=torch.long, device=device)
         if cache is not None and T == 1 and lut is None and logits_at is None and self._one_call_decode(B, T):
             return self._decode_step(idx, cache, positions), None  # the usual decode step, in one call
-        if self.quantized == "int8":  # the packed head's rows: the fp32 table is never read (memory)
-            tok_emb = cpu_kernels.unpack_columns(*self._head_int8, idx, self.config.n_embd)  # (B, T, n_embd)
-        else:
-            tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
-        pos_emb = self.transformer.wpe(positions)  # (B or 1, T, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.drop(self._embed(idx, positions))
         if cache is not None and self._one_call_decode(B, T):
             x = cpu_kernels.decode_layers(x, self._decode_params(), cache, positions, self.config)
         else:
@@ -302,6 +297,34 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def _embed(self, idx, positions):
+        """Token plus position embeddings of idx (any shape) at positions (broadcast to it)."""
+        if self.quantized == "int8":  # the packed head's rows: the fp32 table is never read (memory)
+            tok_emb = cpu_kernels.unpack_columns(*self._head_int8, idx, self.config.n_embd)
+        else:
+            tok_emb = self.transformer.wte(idx)
+        return tok_emb + self.transformer.wpe(positions)
+
+    def forward_tokens(self, idx, rows, positions, cache, logits_for):
+        """One cached pass over tokens of several rows at once, each token on its own: idx, rows,
+        positions (N,) long; token i goes to position positions[i] of cache row rows[i] (cache:
+        KVCache.rows(0, n)) and sees that row's positions up to it, tokens of the same row given
+        in order. So a decode step of some rows and the prompts (or a prompt's next piece) of
+        others share one read of the weights. CPU inference in one call only
+        (one_call_tokens(N) must hold); no LUT. Returns the logits (len(logits_for), V) of the
+        tokens at indices logits_for."""
+        assert self.one_call_tokens(idx.numel())
+        x = cpu_kernels.decode_tokens(self._embed(idx, positions), self._decode_params(), cache, positions, rows,
+                                      self.config)
+        return self._lm_head(self.transformer.ln_f(x[logits_for]))
+
+    def one_call_tokens(self, n):
+        """Whether a cached pass of n tokens can run its blocks in one call to cpu_kernels.py: CPU
+        fp32 (or int8) inference, fp32 with the AVX-512 kernel, up to KERNEL_ROWS tokens."""
+        if self.training or not cpu_kernels.cpu_fp32(self.transformer.wpe.weight) or n > KERNEL_ROWS:
+            return False
+        return self.quantized == "int8" or cpu_kernels.fast_f32()
+
     def _one_call_decode(self, B, T):
         """Whether a cached pass of B rows of T tokens runs its blocks in one call to cpu_kernels.py
         (the same ops as Block.forward): CPU inference of a decode step (a token per row, any
@@ -311,11 +334,7 @@ class GPT(nn.Module):
         2 ms slower); an fp32 batch of 32 decodes 2.6x faster than through the per-op path, and 8
         fp32 prompts of 9 tokens prefill 1.4x faster (docs/performance.md). Longer prompts take
         the per-op path, whose fused attention beats the kernel's per-query one there."""
-        if self.training or not cpu_kernels.cpu_fp32(self.transformer.wpe.weight):
-            return False
-        if T > FEW_ROWS or B * T > KERNEL_ROWS:
-            return False
-        return self.quantized == "int8" or cpu_kernels.fast_f32()
+        return T <= FEW_ROWS and self.one_call_tokens(B * T)
 
     def _decode_step(self, idx, cache, positions):
         """Logits (B, 1, V) of a decode step without a LUT firing, from cpu_kernels.decode_step: the

@@ -121,6 +121,51 @@ def test_rows_that_finish_or_are_cancelled_while_a_prompt_is_part_way(tiny):
         assert s.out_ids == alone(model, tok, s.prompt_ids, s.params.max_new_tokens), tok.decode(s.prompt_ids)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_prompts_share_the_decode_pass_of_the_rows_running_beside_them(hf_tiny, quantize):
+    """Where the CPU runs a pass in one call, a step feeds its prompt tokens (whole short prompts,
+    a long one's piece) through the decoding rows' pass: one pass a step, and every row's tokens,
+    sampled ones included, are those it gets alone."""
+    from model import load_model
+    from tokenizer import get_tokenizer
+    need_kernels()
+    model = load_model("gpt2", quantize=quantize)
+    tok = get_tokenizer(model.tokenizer_spec)
+    sampled = SamplingParams(max_new_tokens=30, temperature=0.8, seed=5, ignore_eos=True)
+    want = {"runner": generate(model, tok, [tok.encode(RUNNER)], sampled, draft_tokens=0)[0].out_ids}
+    prompts = {"short": "The weather today", "long": LONG, "other": "In the beginning"}
+    want.update((k, alone(model, tok, tok.encode(p), 10)) for k, p in prompts.items())
+    passes = {"fused": 0, "other": 0}
+    forward, forward_tokens = model.forward, model.forward_tokens
+
+    def count(kind, fn):
+        def call(*args, **kwargs):
+            passes[kind] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    model.forward, model.forward_tokens = count("other", forward), count("fused", forward_tokens)
+    try:
+        b = Batcher(model, max_batch=4, draft_tokens=8, prefill_chunk=16)
+        runner = Sequence(tok.encode(RUNNER), sampled, tok)
+        b.admit([runner])
+        late = {k: Sequence(tok.encode(p), greedy(10), tok) for k, p in prompts.items()}
+        assert b.admit(list(late.values())) == []
+        passes.update(fused=0, other=0)
+        steps = 0
+        while not all(s.out_ids for s in late.values()):
+            b.step()
+            steps += 1
+        assert passes == {"fused": steps, "other": 0} and steps >= 3  # 16-token rounds: "short", pieces of "long"...
+        while b.seqs:
+            b.step()
+    finally:
+        del model.forward, model.forward_tokens
+    assert runner.out_ids == want["runner"]
+    for k, s in late.items():
+        assert s.out_ids == want[k], k
+
+
 @pytest.mark.parametrize("chunk", [0, 16])
 def test_engine_serves_a_long_prompt_beside_running_requests(tiny, chunk):
     from server.engine import Engine
