@@ -19,8 +19,9 @@ drifts by tens of percent within minutes. Also: greedy tokens
 identical to transformers, speculative decoding on and off (a 30-token taught label, a prompt to
 copy), and for XL the peak RSS of sample.py and of a serving api_server.py. One stream's weight
 traffic (bytes read a token x tok/s) is set against a plain --threads read of a 1 GiB buffer
-measured in each turn. Targets are printed with each figure (int8 one stream: >= 1.5x llama.cpp
-q8_0 and >= 80% of that read); the exit status is 1 if one is missed.
+measured just before it, turn by turn (the best turn kept). Targets are printed with each
+figure (int8 one stream: >= 1.5x llama.cpp q8_0 and >= 80% of that read); the exit status is 1
+if one is missed.
 """
 import argparse
 import os
@@ -204,14 +205,16 @@ def main():
     hf = load_hf(snap)
     hf_fig = {b: hf_tok_s(hf, prompts[:b], args.new_tokens, max(1, args.repeat - 1)) for b in (1, args.batch)}
     models = {q: load_model("gpt2", quantize=q) for q in (None, "int8")}
-    ours, tokens, bandwidth = {}, {}, []
+    ours, tokens, turns = {}, {}, []  # turns: (plain read GB/s, {q: one stream's tok/s}) of each turn
 
     def measure_ours():  # before and after the peer, best kept: a shared machine's load drifts
-        bandwidth.append(read_gb_s())
+        turns.append((read_gb_s(), {}))
         for q, model in models.items():
             for b in (1, args.batch):
                 tps, tokens[q, b] = ours_tok_s(model, prompts[:b], args.new_tokens, args.repeat)
                 ours[q, b] = max(tps, ours.get((q, b), 0))
+                if b == 1:
+                    turns[-1][1][q] = tps
     measure_ours()
     peer = llama_cpp_figures(args, snap, targets)
     for _ in range(args.turns - 1 if peer else 0):  # ours and llama.cpp take turns, each side's best
@@ -234,13 +237,18 @@ def main():
                               f"{r:.2f}x llama.cpp {t} (target >= 1.0x)", r >= 1.0)
         r = ours["int8", 1] / peer["q8_0"]["single"]
         targets.check(f"int8 1 stream: {r:.2f}x llama.cpp q8_0 (target >= 1.5x)", r >= 1.5)
-    read = max(bandwidth)
+    # each turn's stream against the read just before it (the bandwidth drifts between turns); the
+    # best turn is kept, as for the speeds
+    share = {}
     for q, name in ((None, "fp32"), ("int8", "int8")):
-        gb = bytes_per_token(models[q]) * ours[q, 1] / 1e9
+        per_turn = [(bytes_per_token(models[q]) * tps[q] / 1e9, read) for read, tps in turns]
+        gb, read = max(per_turn, key=lambda t: t[0] / t[1])
+        share[q] = gb / read
         print(f"{name} 1 stream reads {bytes_per_token(models[q]) / 1e6:.0f} MB a token: {gb:.1f} GB/s, "
-              f"{gb / read:.0%} of a plain {args.threads}-thread read ({read:.1f} GB/s, best of the turns)")
-    gb = bytes_per_token(models["int8"]) * ours["int8", 1] / 1e9
-    targets.check(f"int8 1 stream at {gb / read:.0%} of the streaming-read bandwidth (target >= 80%)", gb >= 0.8 * read)
+              f"{gb / read:.0%} of a plain {args.threads}-thread read just before it ({read:.1f} GB/s; turns: "
+              f"{', '.join(f'{g / r:.0%} of {r:.1f}' for g, r in per_turn)})")
+    targets.check(f"int8 1 stream at {share['int8']:.0%} of the streaming-read bandwidth (target >= 80%)",
+                  share["int8"] >= 0.8)
     r = ours["int8", 1] / hf_fig[1][0]
     targets.check(f"int8 1 stream: {r:.1f}x transformers fp32 (target >= 4x)", r >= 4)
     targets.check("fp32 greedy tokens identical to transformers", tokens[None, 1] == hf_fig[1][1])
