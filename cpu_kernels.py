@@ -193,17 +193,22 @@ def cpu_fp32(t):
     return t.device.type == "cpu" and t.dtype == torch.float32 and not torch.is_grad_enabled() and ops() is not None
 
 
-def pack_int8(w, packed_columns=lambda n0, n1: None):
+def packed_shape(K, N):
+    """The shape of pack_int8's packed weight for a (K, N) one."""
+    return -(-N // TILE), -(-K // BLOCK) * BLOCK // 2, TILE, 2
+
+
+def pack_int8(w, packed_columns=lambda n0, n1: None, empty=lambda shape, dtype: torch.empty(shape, dtype=dtype)):
     """w: (in, out) fp32, any strides (a view of the file or of wte.T). Returns (packed, scale):
     packed (out/64, in/2, 64, 2) int8 holding round(w / scale), two consecutive inputs of one
     output column side by side as the VNNI dot product reads them; scale (out,) fp32, one per
     output column (max |w| / 127). Done a few columns at a time (~4M weights) so that the
     temporaries stay small: GPT-2-XL quantized at load time peaks under 2.5 GB.
     packed_columns(n0, n1) is told of each slice of columns done (a mapped file can give back
-    its pages then)."""
+    its pages then); empty(shape, dtype) allocates the packed weight (model.empty_huge: huge pages)."""
     K, N = w.shape
-    Kp, tiles = -(-K // BLOCK) * BLOCK, -(-N // TILE)
-    packed = torch.empty(tiles, Kp // 2, TILE, 2, dtype=torch.int8)
+    packed = empty(packed_shape(K, N), torch.int8)
+    tiles, Kp = packed.size(0), packed.size(1) * 2
     scale = torch.empty(N)
     step = max(1, (1 << 22) // (Kp * TILE))  # tiles per slice
     for t0 in range(0, tiles, step):

@@ -77,10 +77,11 @@ class Conv1D(nn.Module):
             y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
         return y.view(shape)
 
-    def quantize_int8(self):
-        """Replace the fp32 weight by int8 with a scale per output column. Returns the old weight."""
+    def quantize_int8(self, empty=lambda shape, dtype: torch.empty(shape, dtype=dtype)):
+        """Replace the fp32 weight by int8 with a scale per output column (the packed weight from
+        empty(shape, dtype)). Returns the old weight."""
         old = self.weight
-        self.qweight, self.qscale = cpu_kernels.pack_int8(old.detach())
+        self.qweight, self.qscale = cpu_kernels.pack_int8(old.detach(), empty=empty)
         self.weight = None
         return old
 
@@ -406,13 +407,26 @@ class GPT(nn.Module):
                                  "(a C++ compiler, g++, is required; see the log)")
         self.pin_fingerprint()
         self.requires_grad_(False)
-        for block in self.transformer.h:
-            for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-                release(layer.quantize_int8())
+        layers = [layer for block in self.transformer.h
+                  for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)]
         wte = self.transformer.wte.weight
+        # every packed weight in one mapping of huge pages: a decode step streams them all, and
+        # 4 KB pages (or a mapping per weight, most of them under 2 MB) cost one int8 stream ~15%
+        shapes = [cpu_kernels.packed_shape(layer.n_in, layer.n_out) for layer in layers]
+        shapes.append(cpu_kernels.packed_shape(wte.size(1), wte.size(0)))
+        arena, taken = empty_huge((sum(math.prod(shape) for shape in shapes),), torch.int8), 0
+
+        def take(shape, dtype):
+            nonlocal taken
+            view = arena[taken:taken + math.prod(shape)].view(shape)
+            taken += math.prod(shape)
+            return view
+
+        for layer in layers:
+            release(layer.quantize_int8(take))
         # embeddings come from the packed copy too (forward); only teaching reads the fp32 table, so
         # its rows are given back as they are packed (at 124M they are a quarter of the weights)
-        self._head_int8 = cpu_kernels.pack_int8(wte.detach().t(), lambda n0, n1: release(wte.detach()[n0:n1]))
+        self._head_int8 = cpu_kernels.pack_int8(wte.detach().t(), lambda n0, n1: release(wte.detach()[n0:n1]), take)
         self.quantized = "int8"
         self._decode_param_list = None
         return self

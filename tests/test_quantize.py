@@ -216,6 +216,20 @@ def test_int8_model_follows_the_fp32_model(tiny):
     assert [s.out_ids for s in together] == [s.out_ids for s in alone]
 
 
+def test_an_int8_models_packed_weights_share_one_mapping_in_order():
+    """quantize_int8 packs every weight into one mapping (huge pages where Linux grants them: one
+    int8 stream decodes ~15% faster than from 4 KB pages), one after another in the order a decode
+    step reads them, without overlap."""
+    from model import Conv1D
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=96, block_size=64, vocab_size=300)).eval().quantize_int8()
+    packed = [m.qweight for m in model.modules() if isinstance(m, Conv1D)] + [model._head_int8[0]]
+    assert len({t.untyped_storage().data_ptr() for t in packed}) == 1
+    spans = [(t.storage_offset(), t.storage_offset() + t.numel()) for t in packed]
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[-1][1] == packed[0].untyped_storage().nbytes()
+
+
 def test_an_int8_model_embeds_tokens_from_its_packed_head_alone():
     """The token embeddings of an int8 model are the packed output projection's columns,
     dequantized: the fp32 table (154 MB at 124M, and resident once read) is not read to decode."""
