@@ -1,11 +1,12 @@
 // CPU kernels for decoding, where PyTorch's stock kernels fall short (bench/decode.py):
 //   mm_int8: x @ W with W int8 per output column and x quantized to int16 per block of 32 on the
 //            fly; AVX-512 VNNI dot products (a portable loop elsewhere).
-//   mm_f32:  x @ W in fp32 for the few rows of a batched decode step, straight from W's (in, out)
-//            layout, so no packed copy of the weights is needed.
+//   mm_f32:  x @ W in fp32 for up to a few hundred rows (decode steps, drafts, prompts), straight
+//            from W's (in, out) layout, so no packed copy of the weights is needed.
 //   attend:  attention of decode steps (and drafts) over the KV cache.
-//   decode_layers: a whole decode step (or one sequence's drafts, a row each) through every
-//            block in one call from Python (per-op dispatch from Python cost ~2 ms a token): the
+//   decode_layers: tokens of any cache rows (a decode step, drafts, short prompts, or all of
+//            these at once) through every block in one call from Python (per-op dispatch from
+//            Python cost ~2 ms a token): the
 //            matmuls above, with GELU and the residual adds done on each output tile while it
 //            is in cache, LayerNorm by hand, and no allocation per layer.
 //   decode_step: a decode step from token ids to logits (embeddings, decode_layers, ln_f, head).

@@ -10,14 +10,17 @@ ahead (an install step) and prints where the library is.
   of the bytes, it decodes 3-4x faster than fp32 (bench/decode.py); int16 activations keep its
   greedy tokens as fp32's would be under int8 weights alone (int8 activations, as llama.cpp's
   q8_0 uses, cost the trained char model a quarter of its greedy agreement: bench/quality.py).
-- fp32 few-row matmuls (decode steps, short prompts) straight from the (in, out) weight, 1.1-2x
-  faster than MKL's addmm here and without the packed copy oneDNN would need for batches.
+- fp32 matmuls of up to a few hundred rows (decode steps, drafts, prompts) straight from the
+  (in, out) weight, 1.05-2.5x faster than MKL's addmm here and without the packed copy oneDNN
+  would need for batches.
 - decoding attention (one query per row and head, or a few drafts) over the KV cache, reading
   each row's own length only: torch's fused CPU attention spends ~2 ms a call on one query, its bmm path ~70 us.
-- decode_layers(): a whole decode step through every block in one call, the same operations as
-  Block.forward (equal to float rounding: its own LayerNorm and GELU), without ~30
-  Python-dispatched ops per layer (~2 ms a token at 124M); decode_step(): the same from token ids
-  to logits, embeddings, ln_f and the output projection included (~0.5 ms more of Python saved).
+- decode_layers() / decode_tokens(): tokens of any cache rows (a decode step, drafts, short
+  prompts, or a step's decode rows and prompt tokens together) through every block in one call,
+  the same operations as Block.forward (equal to float rounding: its own LayerNorm and GELU),
+  without ~30 Python-dispatched ops per layer (~2 ms a token at 124M); decode_step(): the same
+  from token ids to logits, embeddings, ln_f and the output projection included (~0.5 ms more of
+  Python saved).
 Where the kernels cannot be built (no compiler), fp32 falls back to torch's ops and int8 is refused.
 
 Build layout, under torch's extensions folder (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/...):
