@@ -6,9 +6,9 @@
 //   attend:  attention of decode steps (and drafts) over the KV cache.
 //   decode_layers: tokens of any cache rows (a decode step, drafts, short prompts, or all of
 //            these at once) through every block in one call from Python (per-op dispatch from
-//            Python cost ~2 ms a token): the
-//            matmuls above, with GELU and the residual adds done on each output tile while it
-//            is in cache, LayerNorm by hand, and no allocation per layer.
+//            Python cost ~2 ms a token): the matmuls above, with GELU and the residual adds done
+//            on each output tile while it is in cache, LayerNorm by hand, and no allocation per
+//            layer.
 //   decode_step: a decode step from token ids to logits (embeddings, decode_layers, ln_f, head).
 //   argmax_rows, sample: the next token from the logits (greedy, or drawn).
 // Built by cpu_kernels.py with -march=native on the machine that runs it.
@@ -245,7 +245,8 @@ template <bool FULL>
 static inline void panel_rows(const float* x, int64_t xs, int64_t M, int64_t k, int U, const float* wk, int64_t N,
                               float* y, int64_t ys, int64_t c, __mmask16 mk) {
   __m512 wv[8];
-  for (int u = 0; u < (FULL ? 8 : U); ++u) wv[u] = FULL ? _mm512_loadu_ps(wk + u * N + c) : _mm512_maskz_loadu_ps(mk, wk + u * N + c);
+  for (int u = 0; u < (FULL ? 8 : U); ++u)
+    wv[u] = FULL ? _mm512_loadu_ps(wk + u * N + c) : _mm512_maskz_loadu_ps(mk, wk + u * N + c);
   for (int64_t m = 0; m < M; ++m) {
     float* ym = y + m * ys + c;
     const float* xm = x + m * xs + k;
@@ -261,7 +262,8 @@ static void row_panel(const float* x, int64_t xs, int64_t M, int64_t K, const fl
   const int64_t whole = cols / 16 * 16;
   const __mmask16 tail = (__mmask16)((1u << (cols - whole)) - 1);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t c = 0; c < cols; c += 16) _mm512_mask_storeu_ps(y + m * ys + c, c < whole ? 0xFFFF : tail, _mm512_setzero_ps());
+    for (int64_t c = 0; c < cols; c += 16)
+      _mm512_mask_storeu_ps(y + m * ys + c, c < whole ? 0xFFFF : tail, _mm512_setzero_ps());
   for (int64_t k = 0; k < K; k += 8) {
     const int U = (int)std::min<int64_t>(8, K - k);
     const float* wk = w + k * N;
@@ -272,8 +274,8 @@ static void row_panel(const float* x, int64_t xs, int64_t M, int64_t K, const fl
   }
 }
 
-// Up to FEW_ROWS rows (a single stream's decode step, a short prompt, drafts, a small batch): the
-// threads split K, not the columns, so each reads one contiguous block of w's rows, in panels of
+// Up to K_SPLIT_ROWS rows (a single stream's decode step, a short prompt, drafts, a small batch):
+// the threads split K, not the columns, so each reads one contiguous block of w's rows, in panels of
 // up to PANEL_FLOATS / M columns (the rows' sums stay in L1 or L2), and the hardware prefetchers
 // see long sequential runs. Column tiles instead jump N floats (a new 4 KB page) every few hundred
 // bytes read: on a 2-core AMD EPYC (Zen 4) those read w at 15-19 GB/s, this at 30-45, and 9 rows
@@ -322,13 +324,13 @@ static void f32_rest(const float* x, int64_t m, int64_t M, int64_t K, const floa
   for (; m < M; ++m) f32_tile<1, V, MASKED>(x + m * K, K, w, N, b, y + m * N, cols);
 }
 
-// y (M, N) = x @ w + b, then ep; w (K, N) fp32 as stored. Up to FEW_ROWS rows: f32_rows. More:
+// y (M, N) = x @ w + b, then ep; w (K, N) fp32 as stored. Up to K_SPLIT_ROWS rows: f32_rows. More:
 // rows 8 at a time over 48-column tiles, the last few on each tile while it is in L2, so w is read
 // from memory once; the threads split the tiles, so each weight is read by one thread, once.
-constexpr int64_t FEW_ROWS = 16;
+constexpr int64_t K_SPLIT_ROWS = 16;
 static void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t N, const float* b, float* y,
                        const Epilogue& ep) {
-  if (M <= FEW_ROWS) {
+  if (M <= K_SPLIT_ROWS) {
     f32_rows(x, M, K, w, N, b, y, ep);
     return;
   }
@@ -509,9 +511,11 @@ static void run_layers(float* xs, int64_t B, int64_t C, const std::vector<torch:
               "decode_layers: bad arguments");
   const int64_t* pp = pos.data_ptr<int64_t>();
   const int64_t* rp = rows.numel() ? rows.data_ptr<int64_t>() : nullptr;
-  for (int64_t b = 0; b < B; ++b)  // every layer's cache has the same shape
-    TORCH_CHECK(L == 0 || (0 <= pp[b] && pp[b] < k[0].size(2) && 0 <= (rp ? rp[b] : b) && (rp ? rp[b] : b) < k[0].size(0)),
+  for (int64_t b = 0; b < B; ++b) {  // every layer's cache has the same shape
+    const int64_t r = rp ? rp[b] : b;
+    TORCH_CHECK(L == 0 || (0 <= pp[b] && pp[b] < k[0].size(2) && 0 <= r && r < k[0].size(0)),
                 "decode_layers: a token's cache row or position is out of range");
+  }
   std::vector<int64_t> lengths(pp, pp + B);
   for (auto& n : lengths) ++n;
   auto scratch = torch::empty({B, 10 * C}, torch::kFloat);

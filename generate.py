@@ -451,7 +451,7 @@ class Batcher:
         B = len(seqs)
         if B == 1 and self.draft_tokens and seqs[0].may_draft():
             return None  # a lone greedy stream verifies drafts instead (_speculate)
-        ids, rows, positions, last, prompts = [s.out_ids[-1] for s in seqs], list(range(B)), list(self.lengths[:B]), [], []
+        ids, rows, positions, last, prompts = [s.out_ids[-1] for s in seqs], list(range(B)), self._make_room(B), [], []
         for first, k, n in plan:
             d = self.seqs.index(first)
             for r in range(d, d + k) if k is not None else [d]:
@@ -463,7 +463,7 @@ class Batcher:
                 if end == len(prompt):
                     last.append(len(ids) - 1)
                     prompts.append(self.seqs[r])
-        if not self.model.one_call_tokens(len(ids)) or any(n == self.model.config.block_size for n in self.lengths[:B]):
+        if not self.model.one_call_tokens(len(ids)):
             return None
         if _lut_batch(seqs, [1] * B) or _lut_batch(prompts, [len(s.prompt_ids) for s in prompts], last_only=True):
             return None

@@ -427,6 +427,7 @@ class GPT(nn.Module):
         # embeddings come from the packed copy too (forward); only teaching reads the fp32 table, so
         # its rows are given back as they are packed (at 124M they are a quarter of the weights)
         self._head_int8 = cpu_kernels.pack_int8(wte.detach().t(), lambda n0, n1: release(wte.detach()[n0:n1]), take)
+        release(wte)  # and the pages that straddle two slices
         self.quantized = "int8"
         self._decode_param_list = None
         return self
